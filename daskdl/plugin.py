@@ -1,0 +1,228 @@
+"""The scheduler side of training: global parameters, clocks, barriers.
+
+:class:`TrainingPlugin` is a ``SchedulerPlugin`` registered once per scheduler
+(name ``"daskdl"``).  It keeps one :class:`RunState` per training run and
+serves these handlers (called by replicas and by the client)::
+
+    daskdl_start(run, params, policy, members, timeout)   start or restart a run
+    daskdl_sync(run, rank, clock, params, samples, version, loss)
+                                                            a worker's end of round
+    daskdl_params(run)                                      global params and version
+    daskdl_abort(run, reason)                               fail every waiting worker
+    daskdl_info(run)                                        clocks, version, history
+    daskdl_end(run)                                         forget the run
+
+Waiting in a barrier is an ``await`` on the scheduler's event loop, with a
+timeout (``daskdl.sync-timeout``) after which the run is aborted, so a failing
+worker can never leave the others blocked.  Merges run in a thread, off the
+event loop.
+
+Like ``distributed.Variable``, the parameters travel through the scheduler:
+each synchronisation sends every worker's parameters to the scheduler and the
+merged ones back.  That is cheap for small and medium models (a few MB);
+for large models use a larger ``every`` so that syncs are rarer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.serialize import Serialized, merge_and_deserialize, to_serialize
+
+from .errors import DaskDLError
+from .policies import Contribution, Policy
+from .tree import check_like
+
+logger = logging.getLogger("daskdl")
+
+PLUGIN_NAME = "daskdl"
+
+
+def _load(obj):
+    """Payloads wrapped in ``to_serialize`` arrive as ``Serialized`` over TCP."""
+    if isinstance(obj, Serialized):
+        return merge_and_deserialize(obj.header, obj.frames)
+    return obj
+
+
+class RunState:
+    """Everything the scheduler knows about one training run."""
+
+    def __init__(self, run: str, leaves: list, policy: Policy, members: dict, timeout: float):
+        self.run = run
+        self.leaves = leaves
+        self.version = 0
+        self.policy = policy
+        self.policy_state = policy.init(leaves)
+        self.members = dict(members)  # rank -> worker address
+        self.clocks = {rank: 0 for rank in members}  # rounds each rank has synced
+        self.timeout = timeout
+        self.pending: dict[int, dict[int, Contribution]] = {}
+        self.events: dict[int, asyncio.Event] = {}
+        self.results: dict[int, tuple[list, int]] = {}
+        self.fetched: dict[int, int] = collections.Counter()
+        self.aborted: str | None = None
+        self.history: collections.deque = collections.deque(maxlen=100_000)
+        self.merge_seconds = 0.0
+
+    def info(self) -> dict:
+        return {
+            "run": self.run,
+            "version": self.version,
+            "policy": self.policy.name,
+            "every": self.policy.every,
+            "members": dict(self.members),
+            "clocks": dict(self.clocks),
+            "aborted": self.aborted,
+            "history": list(self.history),
+            "merge_seconds": self.merge_seconds,
+        }
+
+
+class TrainingPlugin(SchedulerPlugin):
+    """Scheduler plugin holding the global parameters of daskdl training runs."""
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self):
+        self.runs: dict[str, RunState] = {}
+        self.scheduler = None
+
+    async def start(self, scheduler):
+        self.scheduler = scheduler
+        scheduler.extensions[PLUGIN_NAME] = self
+        scheduler.handlers.update({
+            "daskdl_start": self.start_run,
+            "daskdl_sync": self.sync,
+            "daskdl_params": self.get_params,
+            "daskdl_abort": self.abort,
+            "daskdl_info": self.info,
+            "daskdl_end": self.end_run,
+        })
+
+    # -- membership ----------------------------------------------------------------
+    def remove_worker(self, scheduler, worker: str, **kwargs):
+        for st in list(self.runs.values()):
+            if worker in st.members.values() and st.aborted is None:
+                rank = next(r for r, a in st.members.items() if a == worker)
+                self._abort(st, f"worker {worker} (rank {rank}) left the cluster during "
+                                "training; call fit again to continue from the last global "
+                                "parameters")
+
+    async def restart(self, scheduler):
+        for st in self.runs.values():
+            self._abort(st, "the cluster was restarted")
+
+    async def close(self):
+        for st in self.runs.values():
+            self._abort(st, "the scheduler is closing")
+
+    # -- handlers --------------------------------------------------------------------
+    def start_run(self, run: str, params, policy, members: dict, timeout: float) -> dict:
+        leaves = list(_load(params))
+        policy = _load(policy)
+        old = self.runs.get(run)
+        if old is not None:
+            self._abort(old, "the run was restarted")
+        members = {int(k): v for k, v in members.items()}
+        self.runs[run] = RunState(run, leaves, policy, members, float(timeout))
+        logger.info("daskdl run %s started with %d workers under %s(every=%d)",
+                    run, len(members), policy.name, policy.every)
+        return {"status": "OK"}
+
+    async def sync(self, run: str, rank: int, clock: int, params, samples: int,
+                   version: int, loss: float | None = None, compute: float = 0.0) -> dict:
+        st = self.runs.get(run)
+        if st is None:
+            return {"status": "aborted", "reason": f"unknown training run {run!r}"}
+        if st.aborted:
+            return {"status": "aborted", "reason": st.aborted}
+        leaves = _load(params)
+        try:
+            check_like(leaves, st.leaves, what=f"update of worker rank {rank}")
+        except DaskDLError as e:
+            self._abort(st, str(e))
+            return {"status": "aborted", "reason": str(e)}
+        arrived = time.time()
+        st.history.append({"kind": "arrive", "rank": rank, "clock": clock, "time": arrived,
+                           "loss": loss, "samples": samples, "compute": compute})
+        st.clocks[rank] = clock + 1
+        group = st.pending.setdefault(clock, {})
+        group[rank] = Contribution(rank, leaves, int(samples), int(version))
+        event = st.events.setdefault(clock, asyncio.Event())
+        if len(group) == len(st.members):
+            await self._merge(st, clock)
+        else:
+            try:
+                await asyncio.wait_for(event.wait(), st.timeout)
+            except asyncio.TimeoutError:
+                missing = sorted(set(st.members) - set(group))
+                self._abort(st, f"barrier of round {clock} timed out after {st.timeout:g}s "
+                                f"waiting for worker ranks {missing}; raise "
+                                "daskdl.sync-timeout if rounds are that slow")
+        if st.aborted:
+            return {"status": "aborted", "reason": st.aborted}
+        new, v = st.results[clock]
+        st.fetched[clock] += 1
+        if st.fetched[clock] >= len(st.members):
+            del st.results[clock], st.fetched[clock], st.events[clock]
+        return {"status": "OK", "params": to_serialize(new), "version": v,
+                "waited": time.time() - arrived}
+
+    async def _merge(self, st: RunState, clock: int) -> None:
+        contributions = sorted(st.pending.pop(clock).values(), key=lambda c: c.rank)
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        new, pstate = await loop.run_in_executor(
+            None, st.policy.merge, st.policy_state, st.leaves, contributions)
+        st.merge_seconds += time.perf_counter() - t0
+        if st.aborted:
+            return
+        st.leaves, st.policy_state = list(new), pstate
+        st.version += 1
+        st.results[clock] = (st.leaves, st.version)
+        st.history.append({"kind": "merge", "clock": clock, "version": st.version,
+                           "time": time.time(),
+                           "samples": sum(c.samples for c in contributions)})
+        st.events[clock].set()
+
+    def get_params(self, run: str) -> dict:
+        st = self.runs.get(run)
+        if st is None:
+            return {"status": "error", "reason": f"unknown training run {run!r}"}
+        return {"status": "OK", "params": to_serialize(st.leaves), "version": st.version}
+
+    def abort(self, run: str, reason: str) -> dict:
+        st = self.runs.get(run)
+        if st is not None:
+            self._abort(st, reason)
+        return {"status": "OK"}
+
+    def info(self, run: str) -> dict | None:
+        st = self.runs.get(run)
+        return None if st is None else st.info()
+
+    def end_run(self, run: str) -> dict:
+        st = self.runs.pop(run, None)
+        if st is not None:
+            self._abort(st, "the run ended", log=False)
+        return {"status": "OK"}
+
+    def _abort(self, st: RunState, reason: str, log: bool = True) -> None:
+        if st.aborted is None:
+            st.aborted = reason
+            if log:
+                logger.warning("daskdl run %s aborted: %s", st.run, reason)
+        for ev in st.events.values():
+            ev.set()
+
+
+def get_plugin(scheduler) -> Any:
+    """The :class:`TrainingPlugin` of a scheduler (for tests and diagnostics)."""
+    return scheduler.extensions.get(PLUGIN_NAME)

@@ -1,0 +1,202 @@
+"""The worker side of training: one replica per trainer on every worker.
+
+:class:`Replica` is a ``WorkerPlugin``.  It holds the compiled step function
+(compiled once per worker, reused by every round), the local train state
+(params, optimizer state) and runs rounds:
+
+1. take the round's samples from the chunks the task received, in the plan's
+   order, and reshape them to ``(steps, batch_size, ...)``;
+2. run the steps in one compiled ``lax.scan``;
+3. send the local params to the scheduler plugin (``daskdl_sync``), wait for the
+   policy's answer, and continue from the parameters it returns, keeping the
+   local optimizer state.
+
+A round whose loss or parameters are not finite never reaches the global
+parameters: the replica aborts the run and raises :class:`TrainingDiverged`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from distributed import get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol.serialize import to_serialize
+from distributed.utils import sync
+
+from .errors import SyncAborted, TrainingDiverged
+from .plan import Segment, chunk_permutation, round_permutation
+from .step import init_state, make_train_steps
+from .tree import flatten, unflatten
+
+
+def replica_name(run: str) -> str:
+    return f"daskdl-replica-{run}"
+
+
+class Replica(WorkerPlugin):
+    """Per-worker state of one training run (registered as a ``WorkerPlugin``)."""
+
+    idempotent = False
+
+    def __init__(self, run: str, loss_fn, optimizer, treedef, seed: int):
+        self.run = run
+        self.name = replica_name(run)
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.treedef = treedef
+        self.seed = seed
+        self._reset()
+
+    def _reset(self):
+        self.worker = None
+        self.train_steps = None
+        self.state = None
+        self.fit = None
+        self.version = -1
+        self.compiles = 0
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        for k in ("worker", "train_steps", "state"):
+            d[k] = None
+        return d
+
+    def setup(self, worker):
+        self.worker = worker
+
+    def teardown(self, worker):
+        self._reset()
+
+    # -- scheduler calls ------------------------------------------------------------
+    def _call(self, op: str, **kwargs) -> dict:
+        rpc = getattr(self.worker.scheduler, op)
+        return sync(self.worker.loop, rpc, **kwargs)
+
+    def _pull(self) -> None:
+        reply = self._call("daskdl_params", run=self.run)
+        if reply.get("status") != "OK":
+            raise SyncAborted(f"cannot fetch the global parameters: {reply.get('reason')}")
+        self._set_params(reply["params"], reply["version"])
+
+    def _set_params(self, leaves, version: int) -> None:
+        params = unflatten(self.treedef, [jnp.array(leaf) for leaf in leaves])
+        if self.state is None:
+            self.state = init_state(params, self.optimizer)
+        else:
+            self.state = self.state._replace(params=params)
+        self.version = version
+
+    # -- a round ----------------------------------------------------------------------
+    def gather_batches(self, spec: dict, blocks: tuple) -> dict:
+        """The round's samples as arrays of shape ``(steps, batch_size, ...)``, by name."""
+        names = spec["names"]
+        by_chunk = {c: dict(zip(names, blocks[i * len(names):(i + 1) * len(names)]))
+                    for i, c in enumerate(spec["chunks"])}
+        parts: dict[str, list] = {n: [] for n in names}
+        for chunk, start, stop in spec["segments"]:
+            data = by_chunk[chunk]
+            size = len(data[names[0]])
+            idx = chunk_permutation(self.seed, spec["epoch"], chunk, size)[start:stop]
+            for n in names:
+                parts[n].append(np.asarray(data[n])[idx])
+        steps, bs = spec["steps"], spec["batch_size"]
+        perm = round_permutation(self.seed, spec["epoch"], spec["rank"], spec["round"], steps * bs)
+        out = {}
+        for n in names:
+            arr = np.concatenate(parts[n]) if len(parts[n]) > 1 else parts[n][0]
+            if len(arr) != steps * bs:
+                raise RuntimeError(f"round has {len(arr)} samples, expected {steps * bs}")
+            arr = arr[perm]
+            out[n] = arr.reshape((steps, bs) + arr.shape[1:])
+        return out
+
+    def run_round(self, spec: dict, blocks: tuple) -> dict:
+        t_start = time.perf_counter()
+        if self.train_steps is None:
+            self.train_steps = make_train_steps(self.loss_fn, self.optimizer)
+        if self.state is None or self.fit != spec["fit"]:
+            self._pull()
+            self.fit = spec["fit"]
+        batches = self.gather_batches(spec, blocks)
+        t_data = time.perf_counter()
+        cache_before = self.train_steps._cache_size()
+        state, (losses, aux) = self.train_steps(self.state, batches)
+        losses = np.asarray(losses)  # waits for the computation
+        self.compiles += self.train_steps._cache_size() - cache_before
+        t_compute = time.perf_counter()
+        leaves, _ = flatten(state.params)
+        where = (self.worker.address, spec["epoch"], spec["round"])
+        if not np.isfinite(losses).all() or not all(
+                np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.inexact)):
+            err = TrainingDiverged(*where, detail="the loss or the parameters became NaN/Inf")
+            self._call("daskdl_abort", run=self.run, reason=str(err))
+            self.state = None  # the next fit starts again from the global params
+            raise err
+        self.state = state
+        samples = int(np.prod(losses.shape)) * spec["batch_size"]
+        reply = self._call("daskdl_sync", run=self.run, rank=spec["rank"], clock=spec["clock"],
+                           params=to_serialize(leaves), samples=samples, version=self.version,
+                           loss=float(losses.mean()), compute=t_compute - t_data)
+        if reply.get("status") != "OK":
+            self.state = None
+            raise SyncAborted(f"round {spec['round']} of epoch {spec['epoch']} on worker "
+                              f"{self.worker.address} stopped: {reply.get('reason')}")
+        self._set_params(reply["params"], reply["version"])
+        t_end = time.perf_counter()
+        metrics = {k: float(np.mean(v)) for k, v in aux.items()}
+        return {
+            "rank": spec["rank"], "epoch": spec["epoch"], "round": spec["round"],
+            "clock": spec["clock"], "worker": self.worker.address,
+            "loss": float(losses.mean()), "samples": samples, "metrics": metrics,
+            "data_s": t_data - t_start, "compute_s": t_compute - t_data,
+            "sync_s": t_end - t_compute, "wait_s": float(reply.get("waited", 0.0)),
+            "version": reply["version"], "compiles": self.compiles,
+        }
+
+
+def run_round(run: str, spec: dict, token: Any, *blocks) -> dict:
+    """The body of a ``daskdl-round-...`` task (``token`` orders rounds of one worker)."""
+    worker = get_worker()
+    replica = worker.plugins.get(replica_name(run))
+    if replica is None:
+        raise SyncAborted(f"no replica of training run {run} on worker {worker.address}; "
+                          "was the trainer closed?")
+    return replica.run_round(spec, blocks)
+
+
+# -- evaluation and prediction on workers ------------------------------------------------
+_JIT_CACHE: dict = {}
+
+
+def _cached(kind: str, token: str, fn):
+    key = (kind, token)
+    if key not in _JIT_CACHE:
+        if len(_JIT_CACHE) > 64:
+            _JIT_CACHE.clear()
+        if kind == "metric":
+            from .step import make_metric
+            _JIT_CACHE[key] = make_metric(fn)
+        else:
+            _JIT_CACHE[key] = jax.jit(fn)
+    return _JIT_CACHE[key]
+
+
+def evaluate_chunk(metric_fn, token: str, params, batch_size: int, names: tuple, *blocks):
+    from .step import evaluate_block
+
+    metric = _cached("metric", token, metric_fn)
+    return evaluate_block(metric, params, dict(zip(names, blocks)), batch_size)
+
+
+def predict_chunk(apply_fn, token: str, params, batch_size: int, x):
+    from .step import predict_block
+
+    return predict_block(_cached("apply", token, apply_fn), params, np.asarray(x), batch_size)
+
+
+__all__ = ["Replica", "run_round", "Segment"]

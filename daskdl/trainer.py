@@ -1,0 +1,456 @@
+"""The public :class:`Trainer`: data-parallel training of a JAX model on Dask workers."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+import uuid
+import weakref
+from typing import Any, Callable
+
+import cloudpickle
+import dask
+import dask.array as da
+import jax
+import numpy as np
+import optax
+from dask.base import tokenize
+from distributed import Client, Future, as_completed, default_client, wait
+from distributed.protocol.serialize import to_serialize
+
+from . import config
+from .data import Dataset
+from .errors import DaskDLError, SyncAborted, TrainingDiverged
+from .plan import EpochPlan, make_plan
+from .plugin import TrainingPlugin, _load
+from .policies import BSP, Policy
+from .replica import Replica, evaluate_chunk, predict_chunk, replica_name, run_round
+from .step import check_metrics_output, split_loss_output
+from .tree import check_params, flatten, unflatten
+from .workerenv import WorkerEnvironment, cluster_config, core_slots
+
+logger = logging.getLogger("daskdl")
+
+
+def _start_local_cluster() -> Client:
+    from distributed import LocalCluster
+
+    n = len(os.sched_getaffinity(0))
+    with cluster_config():
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True)
+    return Client(cluster, set_as_default=False)
+
+
+def _close_client(client: Client) -> None:
+    cluster = client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+class _Placement:
+    """Where each chunk of a dataset comes from on the cluster (futures or tasks)."""
+
+    def __init__(self, refs: list, owners: list, workers: tuple):
+        self.refs = refs  # refs[chunk][name_index] -> Future or Delayed
+        self.owners = owners  # rank holding each chunk, or -1
+        self.workers = workers
+
+
+class Trainer:
+    """Train a JAX model data-parallel on the workers of a Dask cluster.
+
+    Parameters
+    ----------
+    loss_fn : ``loss_fn(params, batch) -> scalar`` or ``(scalar, dict_of_metrics)``;
+        ``batch`` is a dict of arrays named as in the dataset.  Pure JAX.
+    params : initial parameters, any pytree of numpy or JAX arrays.
+    optimizer : an ``optax.GradientTransformation``; each worker keeps its own state.
+    policy : the consistency policy, ``daskdl.BSP(every=16)`` by default.
+    batch_size : samples per optimizer step *on each worker*.
+    client : a ``distributed.Client``; ``None`` takes the current default client,
+        or starts a ``LocalCluster`` with one single-threaded worker process per
+        core, closed with the trainer.
+    seed : the shard plan, shuffles and chunk placement depend only on it (same
+        seed and same number of workers give bit-identical parameters).
+    rounds_ahead, sync_timeout : ``None`` reads ``daskdl.rounds-ahead`` and
+        ``daskdl.sync-timeout`` from config.
+
+    Examples
+    --------
+    >>> trainer = Trainer(loss_fn, params, optax.adam(1e-3), batch_size=64)  # doctest: +SKIP
+    >>> history = trainer.fit(train, epochs=3)                                # doctest: +SKIP
+    >>> trainer.evaluate(test, accuracy)                                       # doctest: +SKIP
+    {'accuracy': 0.97...}
+    """
+
+    def __init__(self, loss_fn: Callable, params, optimizer: optax.GradientTransformation,
+                 policy: Policy | None = None, batch_size: int = 64,
+                 client: Client | None = None, seed: int = 0,
+                 rounds_ahead: int | None = None, sync_timeout=None):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {loss_fn!r}")
+        check_params(params)
+        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+            raise TypeError(
+                f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), "
+                f"got {type(optimizer).__name__}"
+            )
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        policy = BSP() if policy is None else policy
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a daskdl policy such as daskdl.BSP(every=16), "
+                            f"got {type(policy).__name__}")
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.policy = policy
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rounds_ahead = max(1, int(config.get("rounds-ahead", rounds_ahead)))
+        self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
+        self._leaves, self._treedef = flatten(params)
+        self._leaves = [np.array(x, copy=True) for x in self._leaves]
+        self.run = uuid.uuid4().hex[:10]
+        self.history: list[dict] = []
+        self.rounds: list[dict] = []  # per-round metrics of every worker
+        self._epoch = 0
+        self._clock = 0
+        self._fits = 0
+        self._placements: dict = {}
+        self._registered_on: tuple | None = None
+
+        self._owns_client = False
+        if client is None:
+            try:
+                client = default_client()
+            except ValueError:
+                client = _start_local_cluster()
+                self._owns_client = True
+        self.client = client
+        self._finalizer = weakref.finalize(self, Trainer._cleanup, client, self.run,
+                                           self._owns_client)
+
+    # -- lifecycle --------------------------------------------------------------------
+    @staticmethod
+    def _cleanup(client, run, owns):
+        try:
+            if owns:
+                _close_client(client)
+            elif client.status == "running":
+                client.unregister_worker_plugin(replica_name(run))
+                client.sync(client.scheduler.daskdl_end, run=run)
+        except Exception:  # closing must never raise at interpreter exit
+            pass
+
+    def close(self) -> None:
+        """Forget the run on the cluster; close the cluster if this trainer started it."""
+        self._placements.clear()
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- parameters --------------------------------------------------------------------
+    @property
+    def params(self):
+        """The global parameters: the pytree given at construction, with numpy leaves."""
+        return unflatten(self._treedef, [np.array(x, copy=True) for x in self._leaves])
+
+    def _fetch_params(self) -> None:
+        reply = self.client.sync(self.client.scheduler.daskdl_params, run=self.run)
+        if reply.get("status") == "OK":
+            self._leaves = [np.array(x, copy=True) for x in _load(reply["params"])]
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _workers(self) -> tuple:
+        info = self.client.scheduler_info(n_workers=-1) if _accepts_n_workers() else \
+            self.client.scheduler_info()
+        workers = info["workers"]
+        if not workers:
+            raise DaskDLError("the cluster has no workers; start some (cluster.scale(2)) "
+                              "or wait for them with client.wait_for_workers(2)")
+        return tuple(sorted(workers)), workers
+
+    def _register(self, workers: tuple, info: dict) -> None:
+        if self._registered_on == workers:
+            return
+        c = self.client
+        c.register_plugin(TrainingPlugin(), name=TrainingPlugin.name)
+        c.register_plugin(WorkerEnvironment(core_slots(info)))
+        c.register_plugin(Replica(self.run, self.loss_fn, self.optimizer, self._treedef,
+                                  self.seed), name=replica_name(self.run))
+        self._registered_on = workers
+
+    def _batch_spec(self, dataset: Dataset, rows: int) -> dict:
+        return {n: jax.ShapeDtypeStruct((rows,) + dataset[n].shape[1:], dataset[n].dtype)
+                for n in dataset.names}
+
+    def _check_loss(self, dataset: Dataset) -> None:
+        params = self.params
+        try:
+            jax.eval_shape(lambda p, b: split_loss_output(self.loss_fn(p, b)), params,
+                           self._batch_spec(dataset, self.batch_size))
+        except TypeError as e:
+            if "loss_fn must return" in str(e):
+                raise TypeError(str(e)) from None
+            raise
+
+    def _place(self, dataset: Dataset, workers: tuple) -> _Placement:
+        key = id(dataset)
+        hit = self._placements.get(key)
+        if hit is not None and hit[0] is dataset and hit[1].workers == workers:
+            return hit[1]
+        names = dataset.names
+        nchunks = dataset.nchunks
+        if dataset.in_memory:
+            order = np.random.default_rng([self.seed, 0x91AC]).permutation(nchunks)
+            owners = [-1] * nchunks
+            for pos, c in enumerate(order):
+                owners[int(c)] = pos % len(workers)
+            refs: list = [None] * nchunks
+            for rank, addr in enumerate(workers):
+                mine = [c for c in range(nchunks) if owners[c] == rank]
+                if not mine:
+                    continue
+                blocks = [dataset.block(c)[n] for c in mine for n in names]
+                futs = self.client.scatter(blocks, workers=[addr], hash=False)
+                for i, c in enumerate(mine):
+                    refs[c] = futs[i * len(names):(i + 1) * len(names)]
+        else:
+            per_name = [dataset[n].to_delayed(optimize_graph=False).reshape(-1) for n in names]
+            refs = [[per_name[j][c] for j in range(len(names))] for c in range(nchunks)]
+            keys = [d.key for d in per_name[0]]
+            where = self.client.run_on_scheduler(_locations, keys)
+            rank_of = {a: r for r, a in enumerate(workers)}
+            owners = [rank_of.get(where.get(k), -1) for k in keys]
+        placement = _Placement(refs, owners, workers)
+        self._placements[key] = (dataset, placement)
+        return placement
+
+    # -- training ---------------------------------------------------------------------------
+    def fit(self, dataset: Dataset, epochs: int = 1) -> list[dict]:
+        """Train for ``epochs`` passes over ``dataset``.
+
+        Every epoch each sample is used at most once, and all but fewer than
+        ``n_workers * batch_size`` samples are used (see :mod:`daskdl.plan`).
+
+        Returns
+        -------
+        list of dict, one per epoch: ``epoch``, ``loss`` (sample-weighted mean of the
+        training loss), ``samples``, ``seconds``, ``rounds``.  Also appended to
+        ``trainer.history``.
+
+        Raises
+        ------
+        TrainingDiverged : a worker's loss became NaN/Inf; ``trainer.params`` keeps
+            the last finite global parameters.
+        """
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"fit needs a daskdl.Dataset (Dataset.from_arrays(x=X, y=y)), "
+                            f"got {type(dataset).__name__}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
+        workers, info = self._workers()
+        n_workers = len(workers)
+        # validate cheaply on the client before anything runs on the cluster
+        make_plan(dataset.chunks, n_workers, self.batch_size, self.policy.every,
+                  self.seed, self._epoch)
+        self._check_loss(dataset)
+        self._register(workers, info)
+        placement = self._place(dataset, workers)
+        self._fits += 1
+        c = self.client
+        c.sync(c.scheduler.daskdl_start, run=self.run, params=to_serialize(self._leaves),
+               policy=to_serialize(self.policy),
+               members={str(r): a for r, a in enumerate(workers)}, timeout=self.sync_timeout)
+
+        plans: dict[int, EpochPlan] = {}
+        queue = {r: collections.deque() for r in range(n_workers)}
+        first_epoch = self._epoch
+        for e in range(first_epoch, first_epoch + epochs):
+            plans[e] = make_plan(dataset.chunks, n_workers, self.batch_size, self.policy.every,
+                                 self.seed, e, placement.owners)
+            for rnd in range(plans[e].rounds):
+                for rank in range(n_workers):
+                    queue[rank].append((e, rnd, self._clock + rnd))
+            self._clock += plans[e].rounds
+
+        last = {r: None for r in range(n_workers)}
+        inflight = collections.Counter()
+        pending: dict = {}
+        ac = as_completed()
+
+        def submit_next(rank: int) -> None:
+            while inflight[rank] < self.rounds_ahead and queue[rank]:
+                e, rnd, clock = queue[rank].popleft()
+                plan = plans[e]
+                segs = plan.round_segments(rank, rnd)
+                chunks = list(dict.fromkeys(s.chunk for s in segs))
+                spec = {"epoch": e, "round": rnd, "rank": rank, "clock": clock,
+                        "steps": plan.round_steps(rnd), "batch_size": self.batch_size,
+                        "segments": [(s.chunk, s.start, s.stop) for s in segs],
+                        "chunks": chunks, "names": dataset.names, "fit": self._fits}
+                blocks = [ref for ch in chunks for ref in placement.refs[ch]]
+                lazy = [i for i, b in enumerate(blocks) if not isinstance(b, Future)]
+                if lazy:
+                    futs = c.compute([blocks[i] for i in lazy], workers=[workers[rank]])
+                    for i, f in zip(lazy, futs):
+                        blocks[i] = f
+                fut = c.submit(run_round, self.run, spec, last[rank], *blocks,
+                               key=f"daskdl-round-{self.run}-{e}-{rnd}-{rank}",
+                               workers=[workers[rank]], allow_other_workers=False,
+                               pure=False)
+                last[rank] = fut
+                inflight[rank] += 1
+                pending[fut.key] = fut
+                ac.add(fut)
+
+        done_rounds = collections.Counter()
+        epoch_stats = {e: {"loss": 0.0, "samples": 0} for e in plans}
+        t_epoch = time.perf_counter()
+        results = []
+        for rank in range(n_workers):
+            submit_next(rank)
+        try:
+            for fut in ac:
+                pending.pop(fut.key, None)
+                res = fut.result()
+                rank, e = res["rank"], res["epoch"]
+                inflight[rank] -= 1
+                self.rounds.append(res)
+                st = epoch_stats[e]
+                st["loss"] += res["loss"] * res["samples"]
+                st["samples"] += res["samples"]
+                done_rounds[e] += 1
+                submit_next(rank)
+                if done_rounds[e] == plans[e].rounds * n_workers:
+                    now = time.perf_counter()
+                    rec = {"epoch": e, "loss": st["loss"] / max(st["samples"], 1),
+                           "samples": st["samples"], "seconds": now - t_epoch,
+                           "rounds": plans[e].rounds}
+                    t_epoch = now
+                    results.append(rec)
+                    self.history.append(rec)
+                    self._epoch = e + 1
+                    logger.info("epoch %d: loss %.4f, %d samples, %.2fs", e, rec["loss"],
+                                rec["samples"], rec["seconds"])
+        except BaseException as exc:
+            root = self._fail(exc, list(pending.values()))
+            self._fetch_params()
+            if root is exc:
+                raise
+            raise root from None
+        finally:
+            last.clear()
+        self._fetch_params()
+        return results
+
+    def _fail(self, exc: BaseException, futures: list) -> BaseException:
+        """Abort the run; return the error that caused it (not a follow-on SyncAborted)."""
+        c = self.client
+        try:
+            c.sync(c.scheduler.daskdl_abort, run=self.run, reason=f"the client stopped: {exc!r}")
+        except Exception:
+            pass
+        root = exc
+        if isinstance(exc, SyncAborted) and futures:
+            wait(futures, timeout=min(30.0, self.sync_timeout))
+            for f in futures:
+                if f.status == "error":
+                    e = f.exception()
+                    if not isinstance(e, SyncAborted):
+                        root = e
+                        break
+        c.cancel(futures)
+        return root
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _params_future(self, workers):
+        return self.client.scatter([self.params], broadcast=True, hash=False)[0]
+
+    def evaluate(self, dataset: Dataset, metric_fn: Callable) -> dict:
+        """Sample-weighted means of ``metric_fn(params, batch)`` over ``dataset``.
+
+        ``metric_fn`` returns a dict of scalars, e.g. ``{"accuracy": acc}``; it runs
+        jitted on the workers, chunk by chunk, with the global parameters.
+        """
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"evaluate needs a daskdl.Dataset, got {type(dataset).__name__}")
+        bs = int(config.get("eval-batch-size"))
+        try:
+            jax.eval_shape(lambda p, b: check_metrics_output(metric_fn(p, b)), self.params,
+                           self._batch_spec(dataset, min(bs, max(dataset.chunks))))
+        except TypeError as e:
+            if "metric_fn" in str(e):
+                raise TypeError(str(e)) from None
+            raise
+        workers, _ = self._workers()
+        placement = self._place(dataset, workers)
+        pfut = self._params_future(workers)
+        token = tokenize(cloudpickle.dumps(metric_fn))
+        tasks = [dask.delayed(evaluate_chunk, pure=False)(metric_fn, token, pfut, bs,
+                                                          dataset.names, *refs)
+                 for refs in placement.refs]
+        outs = self.client.gather(self.client.compute(tasks))
+        total = sum(n for _, n in outs)
+        keys = outs[0][0].keys()
+        return {k: float(sum(m[k] * n for m, n in outs) / total) for k in keys}
+
+    def predict(self, dataset: Dataset, apply_fn: Callable, x: str | None = None) -> da.Array:
+        """``apply_fn(params, x)`` over ``dataset`` with the global parameters, lazily.
+
+        Parameters
+        ----------
+        apply_fn : ``apply_fn(params, x) -> array`` with one output row per input row.
+        x : name of the input array; default ``"x"`` if present, else the first array.
+
+        Returns
+        -------
+        dask.array.Array chunked like the dataset along axis 0.
+        """
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"predict needs a daskdl.Dataset, got {type(dataset).__name__}")
+        x = x or ("x" if "x" in dataset.names else dataset.names[0])
+        arr = dataset[x]
+        out = jax.eval_shape(apply_fn, self.params,
+                             jax.ShapeDtypeStruct((2,) + arr.shape[1:], arr.dtype))
+        if not hasattr(out, "shape") or len(out.shape) < 1 or out.shape[0] != 2:
+            raise TypeError("apply_fn(params, x) must return one array with one row per "
+                            f"input row; for 2 rows it returned {out}")
+        workers, _ = self._workers()
+        placement = self._place(dataset, workers)
+        j = dataset.names.index(x)
+        pfut = self._params_future(workers)
+        token = tokenize(cloudpickle.dumps(apply_fn))
+        bs = int(config.get("eval-batch-size"))
+        parts = []
+        for refs, n in zip(placement.refs, dataset.chunks):
+            d = dask.delayed(predict_chunk, pure=False)(apply_fn, token, pfut, bs, refs[j])
+            parts.append(da.from_delayed(d, shape=(n,) + tuple(out.shape[1:]), dtype=out.dtype))
+        return da.concatenate(parts, axis=0)
+
+    # -- diagnostics -------------------------------------------------------------------------------
+    def info(self) -> dict | None:
+        """The scheduler's view of this run: version, clocks, per-round history."""
+        return self.client.sync(self.client.scheduler.daskdl_info, run=self.run)
+
+
+def _locations(keys, dask_scheduler=None) -> dict:
+    out = {}
+    for k in keys:
+        ts = dask_scheduler.tasks.get(k)
+        if ts is not None and ts.who_has:
+            out[k] = sorted(ws.address for ws in ts.who_has)[0]
+    return out
+
+
+def _accepts_n_workers() -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(Client.scheduler_info).parameters
