@@ -41,6 +41,7 @@ from .tree import check_like
 logger = logging.getLogger("daskdl")
 
 PLUGIN_NAME = "daskdl"
+_INLINE_MERGE_BYTES = 16 * 2**20
 
 
 def _load(obj):
@@ -168,25 +169,35 @@ class TrainingPlugin(SchedulerPlugin):
                                 "daskdl.sync-timeout if rounds are that slow")
         if st.aborted:
             return {"status": "aborted", "reason": st.aborted}
-        new, v = st.results[clock]
+        new, v, unchanged = st.results[clock]
         st.fetched[clock] += 1
         if st.fetched[clock] >= len(st.members):
             del st.results[clock], st.fetched[clock], st.events[clock]
-        return {"status": "OK", "params": to_serialize(new), "version": v,
-                "waited": time.time() - arrived}
+        reply = {"status": "OK", "version": v, "waited": time.time() - arrived}
+        if rank in unchanged:  # the merge kept this worker's own params: send no bytes back
+            reply["same"] = True
+        else:
+            reply["params"] = to_serialize(new)
+        return reply
 
     async def _merge(self, st: RunState, clock: int) -> None:
         contributions = sorted(st.pending.pop(clock).values(), key=lambda c: c.rank)
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        new, pstate = await loop.run_in_executor(
-            None, st.policy.merge, st.policy_state, st.leaves, contributions)
+        nbytes = sum(x.nbytes for c in contributions for x in c.params)
+        if nbytes > _INLINE_MERGE_BYTES:  # large merges run off the event loop
+            loop = asyncio.get_running_loop()
+            new, pstate = await loop.run_in_executor(
+                None, st.policy.merge, st.policy_state, st.leaves, contributions)
+        else:
+            new, pstate = st.policy.merge(st.policy_state, st.leaves, contributions)
         st.merge_seconds += time.perf_counter() - t0
         if st.aborted:
             return
         st.leaves, st.policy_state = list(new), pstate
         st.version += 1
-        st.results[clock] = (st.leaves, st.version)
+        st.results[clock] = (st.leaves, st.version, {
+            c.rank for c in contributions
+            if all(a is b for a, b in zip(c.params, st.leaves))})
         st.history.append({"kind": "merge", "clock": clock, "version": st.version,
                            "time": time.time(),
                            "samples": sum(c.samples for c in contributions)})

@@ -93,27 +93,29 @@ class Replica(WorkerPlugin):
 
     # -- a round ----------------------------------------------------------------------
     def gather_batches(self, spec: dict, blocks: tuple) -> dict:
-        """The round's samples as arrays of shape ``(steps, batch_size, ...)``, by name."""
+        """The round's samples as arrays of shape ``(steps, batch_size, ...)``, by name.
+
+        Each sample is copied once: from its chunk straight to its shuffled place.
+        """
         names = spec["names"]
-        by_chunk = {c: dict(zip(names, blocks[i * len(names):(i + 1) * len(names)]))
+        by_chunk = {c: blocks[i * len(names):(i + 1) * len(names)]
                     for i, c in enumerate(spec["chunks"])}
-        parts: dict[str, list] = {n: [] for n in names}
+        steps, bs = spec["steps"], spec["batch_size"]
+        total = steps * bs
+        dest = round_permutation(self.seed, spec["epoch"], spec["rank"], spec["round"], total)
+        first = by_chunk[spec["chunks"][0]]
+        out = [np.empty((total,) + np.shape(a)[1:], dtype=np.asarray(a).dtype) for a in first]
+        pos = 0
         for chunk, start, stop in spec["segments"]:
             data = by_chunk[chunk]
-            size = len(data[names[0]])
-            idx = chunk_permutation(self.seed, spec["epoch"], chunk, size)[start:stop]
-            for n in names:
-                parts[n].append(np.asarray(data[n])[idx])
-        steps, bs = spec["steps"], spec["batch_size"]
-        perm = round_permutation(self.seed, spec["epoch"], spec["rank"], spec["round"], steps * bs)
-        out = {}
-        for n in names:
-            arr = np.concatenate(parts[n]) if len(parts[n]) > 1 else parts[n][0]
-            if len(arr) != steps * bs:
-                raise RuntimeError(f"round has {len(arr)} samples, expected {steps * bs}")
-            arr = arr[perm]
-            out[n] = arr.reshape((steps, bs) + arr.shape[1:])
-        return out
+            rows = chunk_permutation(self.seed, spec["epoch"], chunk, len(data[0]))[start:stop]
+            where = dest[pos:pos + len(rows)]
+            for o, a in zip(out, data):
+                o[where] = np.asarray(a)[rows]
+            pos += len(rows)
+        if pos != total:
+            raise RuntimeError(f"round has {pos} samples, expected {total}")
+        return {n: o.reshape((steps, bs) + o.shape[1:]) for n, o in zip(names, out)}
 
     def run_round(self, spec: dict, blocks: tuple) -> dict:
         t_start = time.perf_counter()
@@ -146,7 +148,10 @@ class Replica(WorkerPlugin):
             self.state = None
             raise SyncAborted(f"round {spec['round']} of epoch {spec['epoch']} on worker "
                               f"{self.worker.address} stopped: {reply.get('reason')}")
-        self._set_params(reply["params"], reply["version"])
+        if reply.get("same"):
+            self.version = reply["version"]
+        else:
+            self._set_params(reply["params"], reply["version"])
         t_end = time.perf_counter()
         metrics = {k: float(np.mean(v)) for k, v in aux.items()}
         return {

@@ -284,6 +284,7 @@ class Trainer:
         last = {r: None for r in range(n_workers)}
         inflight = collections.Counter()
         pending: dict = {}
+        _pending_futures: dict = {}
         ac = as_completed()
 
         def submit_next(rank: int) -> None:
@@ -308,40 +309,34 @@ class Trainer:
                                pure=False)
                 last[rank] = fut
                 inflight[rank] += 1
-                pending[fut.key] = fut
+                pending[fut.key] = (rank, e)
+                _pending_futures[fut.key] = fut
                 ac.add(fut)
 
         done_rounds = collections.Counter()
-        epoch_stats = {e: {"loss": 0.0, "samples": 0} for e in plans}
+        epoch_futures: dict = collections.defaultdict(list)
         t_epoch = time.perf_counter()
         results = []
         for rank in range(n_workers):
             submit_next(rank)
         try:
+            # results stay on the workers until an epoch is complete, then come in one
+            # gather: the client does no per-round work but submitting the next round
             for fut in ac:
-                pending.pop(fut.key, None)
-                res = fut.result()
-                rank, e = res["rank"], res["epoch"]
+                rank, e = pending.pop(fut.key)
+                _pending_futures.pop(fut.key)
+                if fut.status != "finished":
+                    raise fut.exception()
                 inflight[rank] -= 1
-                self.rounds.append(res)
-                st = epoch_stats[e]
-                st["loss"] += res["loss"] * res["samples"]
-                st["samples"] += res["samples"]
+                epoch_futures[e].append(fut)
                 done_rounds[e] += 1
                 submit_next(rank)
                 if done_rounds[e] == plans[e].rounds * n_workers:
-                    now = time.perf_counter()
-                    rec = {"epoch": e, "loss": st["loss"] / max(st["samples"], 1),
-                           "samples": st["samples"], "seconds": now - t_epoch,
-                           "rounds": plans[e].rounds}
-                    t_epoch = now
+                    rec = self._end_epoch(e, plans[e], c.gather(epoch_futures.pop(e)), t_epoch)
+                    t_epoch = time.perf_counter()
                     results.append(rec)
-                    self.history.append(rec)
-                    self._epoch = e + 1
-                    logger.info("epoch %d: loss %.4f, %d samples, %.2fs", e, rec["loss"],
-                                rec["samples"], rec["seconds"])
         except BaseException as exc:
-            root = self._fail(exc, list(pending.values()))
+            root = self._fail(exc, list(_pending_futures.values()))
             self._fetch_params()
             if root is exc:
                 raise
@@ -350,6 +345,20 @@ class Trainer:
             last.clear()
         self._fetch_params()
         return results
+
+    def _end_epoch(self, epoch: int, plan: EpochPlan, rounds: list, t_start: float) -> dict:
+        rounds.sort(key=lambda r: (r["clock"], r["rank"]))
+        self.rounds.extend(rounds)
+        samples = sum(r["samples"] for r in rounds)
+        rec = {"epoch": epoch,
+               "loss": sum(r["loss"] * r["samples"] for r in rounds) / max(samples, 1),
+               "samples": samples, "seconds": time.perf_counter() - t_start,
+               "rounds": plan.rounds}
+        self.history.append(rec)
+        self._epoch = epoch + 1
+        logger.info("epoch %d: loss %.4f, %d samples, %.2fs", epoch, rec["loss"],
+                    rec["samples"], rec["seconds"])
+        return rec
 
     def _fail(self, exc: BaseException, futures: list) -> BaseException:
         """Abort the run; return the error that caused it (not a follow-on SyncAborted)."""

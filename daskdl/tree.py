@@ -57,9 +57,11 @@ def weighted_mean(contributions: Sequence[Sequence[np.ndarray]],
                   weights: Sequence[float]) -> list[np.ndarray]:
     """Sample-weighted mean of several leaf lists, leaf by leaf, in the given order.
 
-    The sum runs in float64 in the order given, so the result depends only on the
-    inputs and their order (bit-identical across runs).  Integer and other
-    non-float leaves are taken from the first contribution.
+    Float leaves are accumulated in their own dtype, in the order given, so the
+    result depends only on the inputs and their order (bit-identical across runs).
+    Non-float leaves (integer counters) are taken from the first contribution.  A
+    single contribution is returned as it is (the same leaf objects, not copies):
+    leaves are never mutated, here or by callers.
     """
     if len(contributions) != len(weights) or not contributions:
         raise ValueError("weighted_mean needs one weight per contribution, and at least one")
@@ -67,17 +69,20 @@ def weighted_mean(contributions: Sequence[Sequence[np.ndarray]],
     if total <= 0:
         raise ValueError(f"weights must sum to a positive number, got {list(weights)}")
     if len(contributions) == 1:
-        return [np.array(leaf, copy=True) for leaf in contributions[0]]
+        return list(contributions[0])
     out = []
     for i, first in enumerate(contributions[0]):
         first = np.asarray(first)
         if not np.issubdtype(first.dtype, np.floating):
-            out.append(np.array(first, copy=True))
+            out.append(first)
             continue
-        acc = np.zeros(first.shape, dtype=np.float64)
-        for leaves, w in zip(contributions, weights):
-            acc += np.asarray(leaves[i], dtype=np.float64) * (w / total)
-        out.append(acc.astype(first.dtype))
+        scale = np.asarray(weights[0] / total, dtype=first.dtype)
+        acc = np.multiply(first, scale)
+        tmp = np.empty_like(acc)
+        for leaves, w in zip(contributions[1:], weights[1:]):
+            np.multiply(leaves[i], np.asarray(w / total, dtype=first.dtype), out=tmp)
+            np.add(acc, tmp, out=acc)
+        out.append(acc)
     return out
 
 
