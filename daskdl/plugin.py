@@ -184,12 +184,17 @@ class TrainingPlugin(SchedulerPlugin):
         contributions = sorted(st.pending.pop(clock).values(), key=lambda c: c.rank)
         t0 = time.perf_counter()
         nbytes = sum(x.nbytes for c in contributions for x in c.params)
-        if nbytes > _INLINE_MERGE_BYTES:  # large merges run off the event loop
-            loop = asyncio.get_running_loop()
-            new, pstate = await loop.run_in_executor(
-                None, st.policy.merge, st.policy_state, st.leaves, contributions)
-        else:
-            new, pstate = st.policy.merge(st.policy_state, st.leaves, contributions)
+        try:
+            if nbytes > _INLINE_MERGE_BYTES:  # large merges run off the event loop
+                loop = asyncio.get_running_loop()
+                new, pstate = await loop.run_in_executor(
+                    None, st.policy.merge, st.policy_state, st.leaves, contributions)
+            else:
+                new, pstate = st.policy.merge(st.policy_state, st.leaves, contributions)
+            check_like(new, st.leaves, what=f"merge result of {st.policy.name}")
+        except Exception as e:  # a failing merge must never leave workers waiting
+            self._abort(st, f"the {st.policy.name} merge of round {clock} failed: {e!r}")
+            return
         st.merge_seconds += time.perf_counter() - t0
         if st.aborted:
             return

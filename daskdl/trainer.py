@@ -120,7 +120,6 @@ class Trainer:
         self._clock = 0
         self._fits = 0
         self._placements: dict = {}
-        self._registered_on: tuple | None = None
 
         self._owns_client = False
         if client is None:
@@ -132,6 +131,7 @@ class Trainer:
         self.client = client
         self._finalizer = weakref.finalize(self, Trainer._cleanup, client, self.run,
                                            self._owns_client)
+        self._register()
 
     # -- lifecycle --------------------------------------------------------------------
     @staticmethod
@@ -177,15 +177,17 @@ class Trainer:
                               "or wait for them with client.wait_for_workers(2)")
         return tuple(sorted(workers)), workers
 
-    def _register(self, workers: tuple, info: dict) -> None:
-        if self._registered_on == workers:
-            return
+    def _register(self) -> None:
+        """Install daskdl on the cluster: scheduler plugin, worker set-up, this run's replica.
+
+        Worker plugins also reach workers that join later.
+        """
         c = self.client
         c.register_plugin(TrainingPlugin(), name=TrainingPlugin.name)
-        c.register_plugin(WorkerEnvironment(core_slots(info)))
+        info = c.scheduler_info(n_workers=-1) if _accepts_n_workers() else c.scheduler_info()
+        c.register_plugin(WorkerEnvironment(core_slots(info["workers"])))
         c.register_plugin(Replica(self.run, self.loss_fn, self.optimizer, self._treedef,
                                   self.seed), name=replica_name(self.run))
-        self._registered_on = workers
 
     def _batch_spec(self, dataset: Dataset, rows: int) -> dict:
         return {n: jax.ShapeDtypeStruct((rows,) + dataset[n].shape[1:], dataset[n].dtype)
@@ -262,7 +264,6 @@ class Trainer:
         make_plan(dataset.chunks, n_workers, self.batch_size, self.policy.every,
                   self.seed, self._epoch)
         self._check_loss(dataset)
-        self._register(workers, info)
         placement = self._place(dataset, workers)
         self._fits += 1
         c = self.client
@@ -285,7 +286,7 @@ class Trainer:
         inflight = collections.Counter()
         pending: dict = {}
         _pending_futures: dict = {}
-        ac = as_completed()
+        ac = as_completed(loop=c.loop, raise_errors=False)
 
         def submit_next(rank: int) -> None:
             while inflight[rank] < self.rounds_ahead and queue[rank]:
@@ -421,7 +422,9 @@ class Trainer:
 
         Returns
         -------
-        dask.array.Array chunked like the dataset along axis 0.
+        dask.array.Array chunked like the dataset along axis 0.  It refers to data
+        on the trainer's cluster: compute it with that client
+        (``trainer.client.compute(arr)``, or ``arr.compute()`` when it is the default).
         """
         if not isinstance(dataset, Dataset):
             raise TypeError(f"predict needs a daskdl.Dataset, got {type(dataset).__name__}")

@@ -77,7 +77,8 @@ def weighted_mean(contributions: Sequence[Sequence[np.ndarray]],
             out.append(first)
             continue
         scale = np.asarray(weights[0] / total, dtype=first.dtype)
-        acc = np.multiply(first, scale)
+        acc = np.empty(first.shape, first.dtype)
+        np.multiply(first, scale, out=acc)
         tmp = np.empty_like(acc)
         for leaves, w in zip(contributions[1:], weights[1:]):
             np.multiply(leaves[i], np.asarray(w / total, dtype=first.dtype), out=tmp)
