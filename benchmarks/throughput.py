@@ -103,7 +103,7 @@ def with_daskdl(x, y, workers: int, epochs: int) -> tuple[list[float], float]:
     t0 = time.perf_counter()
     with cluster_config():
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=":0")
     with cluster, Client(cluster) as client:
         ds = ddl.Dataset.from_arrays(x=x, y=y, chunk_size=EVERY * BATCH)
         with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optimizer(),

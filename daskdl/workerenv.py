@@ -40,6 +40,8 @@ _M_MMAP_THRESHOLD = -3
 _SMALL_TRIM = 16 * 2**20
 MALLOC_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 MALLOC_FIX = f'dask.config.set({{"{MALLOC_KEY}": None}})'
+# the cores this process may use before daskdl pinned it (first import, in a worker)
+_BOOT_AFFINITY = sorted(os.sched_getaffinity(0))
 
 
 @contextlib.contextmanager
@@ -95,7 +97,7 @@ class WorkerEnvironment(WorkerPlugin):
         report = {"pinned": None, "malloc_trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
                   "malloc_fixed": False}
         if self.pin_cpu and worker.state.nthreads == 1:
-            allowed = sorted(os.sched_getaffinity(0))
+            allowed = _BOOT_AFFINITY
             slot = self.cores.get(worker.address)
             if slot is None and str(worker.name).isdigit():
                 slot = int(worker.name)

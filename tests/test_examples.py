@@ -1,0 +1,18 @@
+"""The examples run as a user runs them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_digits_example_reaches_97_percent():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "digits.py")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("test accuracy: 0.9"), out.stdout[-2000:]
+    assert float(last.split(":")[1]) >= 0.97
