@@ -17,13 +17,14 @@ parameters: the replica aborts the run and raises :class:`TrainingDiverged`.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distributed import get_worker
+from distributed import get_worker, rejoin, secede
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import to_serialize
 from distributed.utils import sync
@@ -59,18 +60,67 @@ class Replica(WorkerPlugin):
         self.fit = None
         self.version = -1
         self.compiles = 0
+        self.expected = 0  # the clock of the next round this worker must run
+        self.failed = False
+        self.closed = False
+        self.need_pull = True
+        self.turn = threading.Condition()
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        for k in ("worker", "train_steps", "state"):
+        for k in ("worker", "train_steps", "state", "turn"):
             d[k] = None
         return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.turn = threading.Condition()
 
     def setup(self, worker):
         self.worker = worker
 
     def teardown(self, worker):
-        self._reset()
+        with self.turn:
+            self.closed = True
+            self.turn.notify_all()
+
+    # -- ordering of rounds -----------------------------------------------------------
+    def _wait_turn(self, spec: dict) -> None:
+        """Run rounds in clock order.
+
+        Rounds are submitted ahead without depending on each other (no scheduler
+        round trip between two rounds); the scheduler's priorities run them in
+        order.  If a later round is ready first (its data arrived sooner), it
+        leaves the worker's thread pool (``secede``) until the earlier ones ran.
+        """
+        if self.fit != spec["fit"]:
+            self.fit, self.expected, self.need_pull = spec["fit"], spec["first_clock"], True
+            self.failed = False
+        clock = spec["clock"]
+        if clock == self.expected:
+            return
+        if clock < self.expected:
+            raise SyncAborted(f"round with clock {clock} ran twice on {self.worker.address}")
+        secede()
+        deadline = time.monotonic() + spec["timeout"]
+        try:
+            with self.turn:
+                while self.expected != clock:
+                    if self.failed or self.closed or time.monotonic() > deadline:
+                        raise SyncAborted(
+                            f"round {spec['round']} of epoch {spec['epoch']} on "
+                            f"{self.worker.address} gave up waiting for the rounds before it")
+                    self.turn.wait(0.25)
+        finally:
+            rejoin()
+
+    def _done(self, clock: int, ok: bool) -> None:
+        with self.turn:
+            if ok:
+                self.expected = clock + 1
+            else:
+                self.failed = True
+            self.turn.notify_all()
 
     # -- scheduler calls ------------------------------------------------------------
     def _call(self, op: str, **kwargs) -> dict:
@@ -118,12 +168,23 @@ class Replica(WorkerPlugin):
         return {n: o.reshape((steps, bs) + o.shape[1:]) for n, o in zip(names, out)}
 
     def run_round(self, spec: dict, blocks: tuple) -> dict:
+        self._wait_turn(spec)
+        try:
+            out = self._run_round(spec, blocks)
+        except BaseException:
+            self._done(spec["clock"], ok=False)
+            raise
+        self._done(spec["clock"], ok=True)
+        return out
+
+    def _run_round(self, spec: dict, blocks: tuple) -> dict:
+        started = time.time()
         t_start = time.perf_counter()
         if self.train_steps is None:
             self.train_steps = make_train_steps(self.loss_fn, self.optimizer)
-        if self.state is None or self.fit != spec["fit"]:
+        if self.state is None or self.need_pull:
             self._pull()
-            self.fit = spec["fit"]
+            self.need_pull = False
         batches = self.gather_batches(spec, blocks)
         t_data = time.perf_counter()
         cache_before = self.train_steps._cache_size()
@@ -161,11 +222,12 @@ class Replica(WorkerPlugin):
             "data_s": t_data - t_start, "compute_s": t_compute - t_data,
             "sync_s": t_end - t_compute, "wait_s": float(reply.get("waited", 0.0)),
             "version": reply["version"], "compiles": self.compiles,
+            "started": started, "finished": time.time(),
         }
 
 
-def run_round(run: str, spec: dict, token: Any, *blocks) -> dict:
-    """The body of a ``daskdl-round-...`` task (``token`` orders rounds of one worker)."""
+def run_round(run: str, spec: dict, *blocks) -> dict:
+    """The body of a ``daskdl-round-...`` task: one round of ``spec`` on this worker."""
     worker = get_worker()
     replica = worker.plugins.get(replica_name(run))
     if replica is None:

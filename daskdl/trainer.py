@@ -274,6 +274,7 @@ class Trainer:
         plans: dict[int, EpochPlan] = {}
         queue = {r: collections.deque() for r in range(n_workers)}
         first_epoch = self._epoch
+        first_clock = self._clock
         for e in range(first_epoch, first_epoch + epochs):
             plans[e] = make_plan(dataset.chunks, n_workers, self.batch_size, self.policy.every,
                                  self.seed, e, placement.owners)
@@ -282,34 +283,31 @@ class Trainer:
                     queue[rank].append((e, rnd, self._clock + rnd))
             self._clock += plans[e].rounds
 
-        last = {r: None for r in range(n_workers)}
         inflight = collections.Counter()
         pending: dict = {}
         _pending_futures: dict = {}
         ac = as_completed(loop=c.loop, raise_errors=False)
 
-        def submit_next(rank: int) -> None:
-            while inflight[rank] < self.rounds_ahead and queue[rank]:
-                e, rnd, clock = queue[rank].popleft()
-                plan = plans[e]
-                segs = plan.round_segments(rank, rnd)
-                chunks = list(dict.fromkeys(s.chunk for s in segs))
-                spec = {"epoch": e, "round": rnd, "rank": rank, "clock": clock,
-                        "steps": plan.round_steps(rnd), "batch_size": self.batch_size,
-                        "segments": [(s.chunk, s.start, s.stop) for s in segs],
-                        "chunks": chunks, "names": dataset.names, "fit": self._fits}
-                blocks = [ref for ch in chunks for ref in placement.refs[ch]]
-                lazy = [i for i, b in enumerate(blocks) if not isinstance(b, Future)]
-                if lazy:
-                    futs = c.compute([blocks[i] for i in lazy], workers=[workers[rank]])
-                    for i, f in zip(lazy, futs):
-                        blocks[i] = f
-                fut = c.submit(run_round, self.run, spec, last[rank], *blocks,
-                               key=f"daskdl-round-{self.run}-{e}-{rnd}-{rank}",
-                               workers=[workers[rank]], allow_other_workers=False,
-                               pure=False)
-                last[rank] = fut
-                inflight[rank] += 1
+        def top_up() -> None:
+            """Submit rounds so that every worker has ``rounds_ahead`` waiting or running.
+
+            Called when some worker is down to half of that: all workers are topped up
+            in one graph (one message to the scheduler), each round restricted to its
+            worker and prioritised by its clock.  Rounds do not depend on each other,
+            so the next one starts on the worker without a scheduler round trip.
+            """
+            new = []
+            for rank in range(n_workers):
+                while inflight[rank] < self.rounds_ahead and queue[rank]:
+                    e, rnd, clock = queue[rank].popleft()
+                    new.append((rank, e, rnd, clock, self._round_task(
+                        plans[e], rank, rnd, clock, dataset, placement, workers,
+                        first_clock)))
+                    inflight[rank] += 1
+            if not new:
+                return
+            futs = c.compute([d for *_, d in new], optimize_graph=False)
+            for (rank, e, *_), fut in zip(new, futs):
                 pending[fut.key] = (rank, e)
                 _pending_futures[fut.key] = fut
                 ac.add(fut)
@@ -318,8 +316,7 @@ class Trainer:
         epoch_futures: dict = collections.defaultdict(list)
         t_epoch = time.perf_counter()
         results = []
-        for rank in range(n_workers):
-            submit_next(rank)
+        top_up()
         try:
             # results stay on the workers until an epoch is complete, then come in one
             # gather: the client does no per-round work but submitting the next round
@@ -331,7 +328,8 @@ class Trainer:
                 inflight[rank] -= 1
                 epoch_futures[e].append(fut)
                 done_rounds[e] += 1
-                submit_next(rank)
+                if inflight[rank] <= self.rounds_ahead // 2:
+                    top_up()
                 if done_rounds[e] == plans[e].rounds * n_workers:
                     rec = self._end_epoch(e, plans[e], c.gather(epoch_futures.pop(e)), t_epoch)
                     t_epoch = time.perf_counter()
@@ -342,10 +340,30 @@ class Trainer:
             if root is exc:
                 raise
             raise root from None
-        finally:
-            last.clear()
         self._fetch_params()
         return results
+
+    def _round_task(self, plan: EpochPlan, rank: int, rnd: int, clock: int, dataset: Dataset,
+                    placement: _Placement, workers: tuple, first_clock: int):
+        """The ``daskdl-round-...`` task of worker ``rank`` in round ``rnd`` (a Delayed)."""
+        segs = plan.round_segments(rank, rnd)
+        chunks = list(dict.fromkeys(s.chunk for s in segs))
+        spec = {"epoch": plan.epoch, "round": rnd, "rank": rank, "clock": clock,
+                "steps": plan.round_steps(rnd), "batch_size": self.batch_size,
+                "segments": [(s.chunk, s.start, s.stop) for s in segs],
+                "chunks": chunks, "names": dataset.names, "fit": self._fits,
+                "first_clock": first_clock, "timeout": self.sync_timeout}
+        blocks = [ref for ch in chunks for ref in placement.refs[ch]]
+        lazy = [i for i, b in enumerate(blocks) if not isinstance(b, Future)]
+        if lazy:  # read the chunks on the worker that trains on them
+            futs = self.client.compute([blocks[i] for i in lazy], workers=[workers[rank]])
+            for i, f in zip(lazy, futs):
+                blocks[i] = f
+        with dask.annotate(workers=[workers[rank]], allow_other_workers=False,
+                           priority=-clock):
+            return dask.delayed(run_round, pure=False)(
+                self.run, spec, *blocks,
+                dask_key_name=f"daskdl-round-{self.run}-{plan.epoch}-{rnd}-{rank}")
 
     def _end_epoch(self, epoch: int, plan: EpochPlan, rounds: list, t_start: float) -> dict:
         rounds.sort(key=lambda r: (r["clock"], r["rank"]))

@@ -258,3 +258,34 @@ def test_nan_loss_raises_training_diverged_and_keeps_last_finite_params(client2)
     assert np.isfinite(w).all() and np.abs(w).max() > 0  # trained, and never merged a NaN
     assert tr.info()["aborted"]
     tr.close()
+
+
+def test_a_round_that_starts_early_waits_for_the_rounds_before_it(client1):
+    """Rounds do not depend on each other; a later round that starts first secedes and
+    waits, so rounds still sync in clock order."""
+    import time
+
+    from distributed.protocol.serialize import to_serialize
+
+    rng = np.random.default_rng(0)
+    ds = ddl.Dataset.from_arrays(x=rng.standard_normal((64, 64)).astype(np.float32),
+                                 y=rng.integers(0, 10, 64).astype(np.int32), chunk_size=32)
+    with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.01),
+                     policy=ddl.BSP(every=1), batch_size=16, client=client1) as tr:
+        workers, _ = tr._workers()
+        placement = tr._place(ds, workers)
+        tr._fits = 1
+        client1.sync(client1.scheduler.daskdl_start, run=tr.run,
+                     params=to_serialize(tr._leaves), policy=to_serialize(tr.policy),
+                     members={"0": workers[0]}, timeout=30)
+        plan = make_plan(ds.chunks, 1, 16, 1, 0, 0, placement.owners)
+        late = client1.compute(tr._round_task(plan, 0, 1, 1, ds, placement, workers, 0),
+                               optimize_graph=False)
+        time.sleep(1.0)
+        assert late.status == "pending"  # started, waiting for round 0
+        early = client1.compute(tr._round_task(plan, 0, 0, 0, ds, placement, workers, 0),
+                                optimize_graph=False)
+        r0, r1 = early.result(timeout=60), late.result(timeout=60)
+        assert (r0["version"], r1["version"]) == (1, 2)
+        arrivals = [h["clock"] for h in tr.info()["history"] if h["kind"] == "arrive"]
+        assert arrivals == [0, 1]
