@@ -4,12 +4,44 @@ from . import config as _config  # noqa: F401  (loads the daskdl defaults)
 from .data import Dataset
 from .errors import DaskDLError, DatasetError, SyncAborted, TrainingDiverged
 from .plan import EpochPlan, make_plan
-from .policies import BSP, Contribution, Policy
+from .policies import (
+    BSP,
+    DiLoCo,
+    EASGD,
+    SSP,
+    Async,
+    Contribution,
+    Merged,
+    Policy,
+    SyncInfo,
+    all_arrived,
+    apply_deltas,
+    average,
+    bounded_staleness,
+    elastic,
+    no_state,
+    no_wait,
+    outer_step,
+)
 from .trainer import Trainer
 from .workerenv import WorkerEnvironment, worker_environment
 
 __all__ = [
+    "Async",
     "BSP",
+    "DiLoCo",
+    "EASGD",
+    "Merged",
+    "SSP",
+    "SyncInfo",
+    "all_arrived",
+    "apply_deltas",
+    "average",
+    "bounded_staleness",
+    "elastic",
+    "no_state",
+    "no_wait",
+    "outer_step",
     "Contribution",
     "DaskDLError",
     "Dataset",

@@ -35,7 +35,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import Serialized, merge_and_deserialize, to_serialize
 
 from .errors import DaskDLError
-from .policies import Contribution, Policy
+from .policies import Contribution, Merged, Policy, SyncInfo
 from .tree import check_like
 
 logger = logging.getLogger("daskdl")
@@ -61,15 +61,15 @@ class RunState:
         self.policy = policy
         self.policy_state = policy.init(leaves)
         self.members = dict(members)  # rank -> worker address
-        self.clocks = {rank: 0 for rank in members}  # rounds each rank has synced
+        self.clocks = {rank: 0 for rank in members}  # rounds each rank has finished
         self.timeout = timeout
-        self.pending: dict[int, dict[int, Contribution]] = {}
-        self.events: dict[int, asyncio.Event] = {}
-        self.results: dict[int, tuple[list, int]] = {}
-        self.fetched: dict[int, int] = collections.Counter()
+        self.pending: dict[int, dict[int, Contribution]] = {}  # group merges: clock -> rank ->
+        self.waiting: dict[int, asyncio.Event] = {}  # rank -> event set when it may go on
+        self.replies: dict[int, list] = {}  # rank -> leaves it continues from (EASGD)
         self.aborted: str | None = None
         self.history: collections.deque = collections.deque(maxlen=100_000)
         self.merge_seconds = 0.0
+        self.rejected = 0
 
     def info(self) -> dict:
         return {
@@ -82,6 +82,7 @@ class RunState:
             "aborted": self.aborted,
             "history": list(self.history),
             "merge_seconds": self.merge_seconds,
+            "rejected": self.rejected,
         }
 
 
@@ -139,6 +140,8 @@ class TrainingPlugin(SchedulerPlugin):
 
     async def sync(self, run: str, rank: int, clock: int, params, samples: int,
                    version: int, loss: float | None = None, compute: float = 0.0) -> dict:
+        """A worker finished round ``clock``: merge per the policy, wait for its barrier,
+        answer with the parameters it continues from."""
         st = self.runs.get(run)
         if st is None:
             return {"status": "aborted", "reason": f"unknown training run {run!r}"}
@@ -148,65 +151,84 @@ class TrainingPlugin(SchedulerPlugin):
         try:
             check_like(leaves, st.leaves, what=f"update of worker rank {rank}")
         except DaskDLError as e:
+            st.rejected += 1
             self._abort(st, str(e))
             return {"status": "aborted", "reason": str(e)}
         arrived = time.time()
-        st.history.append({"kind": "arrive", "rank": rank, "clock": clock, "time": arrived,
-                           "loss": loss, "samples": samples, "compute": compute})
+        contribution = Contribution(rank, leaves, int(samples), int(version))
         st.clocks[rank] = clock + 1
-        group = st.pending.setdefault(clock, {})
-        group[rank] = Contribution(rank, leaves, int(samples), int(version))
-        event = st.events.setdefault(clock, asyncio.Event())
-        if len(group) == len(st.members):
-            await self._merge(st, clock)
+        st.history.append({"kind": "arrive", "rank": rank, "clock": clock, "time": arrived,
+                           "loss": loss, "samples": samples, "compute": compute,
+                           "version": version})
+        policy = st.policy
+        if policy.group:
+            group = st.pending.setdefault(clock, {})
+            group[rank] = contribution
+            if len(group) == len(st.members):
+                await self._merge(st, sorted(st.pending.pop(clock).values(),
+                                             key=lambda c: c.rank), clock)
         else:
-            try:
-                await asyncio.wait_for(event.wait(), st.timeout)
-            except asyncio.TimeoutError:
-                missing = sorted(set(st.members) - set(group))
-                self._abort(st, f"barrier of round {clock} timed out after {st.timeout:g}s "
-                                f"waiting for worker ranks {missing}; raise "
-                                "daskdl.sync-timeout if rounds are that slow")
+            await self._merge(st, [contribution], clock)
         if st.aborted:
             return {"status": "aborted", "reason": st.aborted}
-        new, v, unchanged = st.results[clock]
-        st.fetched[clock] += 1
-        if st.fetched[clock] >= len(st.members):
-            del st.results[clock], st.fetched[clock], st.events[clock]
-        reply = {"status": "OK", "version": v, "waited": time.time() - arrived}
-        if rank in unchanged:  # the merge kept this worker's own params: send no bytes back
-            reply["same"] = True
+
+        event = st.waiting[rank] = asyncio.Event()
+        self._release(st)
+        try:
+            await asyncio.wait_for(event.wait(), st.timeout)
+        except asyncio.TimeoutError:
+            behind = sorted(r for r, c in st.clocks.items() if c < st.clocks[rank])
+            self._abort(st, f"worker rank {rank} waited {st.timeout:g}s after round {clock} "
+                            f"for worker ranks {behind} under {policy.name}; raise "
+                            "daskdl.sync-timeout if rounds are that slow")
+        finally:
+            st.waiting.pop(rank, None)
+        if st.aborted:
+            return {"status": "aborted", "reason": st.aborted}
+        reply = {"status": "OK", "version": st.version, "waited": time.time() - arrived}
+        new = st.replies.pop(rank, st.leaves)
+        if all(a is b for a, b in zip(new, leaves)):
+            reply["same"] = True  # the worker continues from what it sent: no bytes back
         else:
             reply["params"] = to_serialize(new)
         return reply
 
-    async def _merge(self, st: RunState, clock: int) -> None:
-        contributions = sorted(st.pending.pop(clock).values(), key=lambda c: c.rank)
+    def _release(self, st: RunState) -> None:
+        """Open the barrier of every waiting worker the policy lets go on."""
+        lo = min(st.clocks.values())
+        for rank, event in list(st.waiting.items()):
+            if not event.is_set() and st.policy.barrier(st.clocks, rank):
+                st.history.append({"kind": "release", "rank": rank, "clock": st.clocks[rank],
+                                   "slowest": lo, "time": time.time()})
+                event.set()
+
+    async def _merge(self, st: RunState, contributions: list, clock: int) -> None:
         t0 = time.perf_counter()
-        nbytes = sum(x.nbytes for c in contributions for x in c.params)
+        nbytes = sum(x.nbytes for c in contributions for x in c.leaves)
+        info = SyncInfo(st.version, tuple(sorted(st.members)))
         try:
             if nbytes > _INLINE_MERGE_BYTES:  # large merges run off the event loop
                 loop = asyncio.get_running_loop()
-                new, pstate = await loop.run_in_executor(
-                    None, st.policy.merge, st.policy_state, st.leaves, contributions)
+                merged = await loop.run_in_executor(
+                    None, st.policy.merge, st.policy_state, st.leaves, contributions, info)
             else:
-                new, pstate = st.policy.merge(st.policy_state, st.leaves, contributions)
-            check_like(new, st.leaves, what=f"merge result of {st.policy.name}")
+                merged = st.policy.merge(st.policy_state, st.leaves, contributions, info)
+            merged = Merged(*merged)
+            check_like(merged.params, st.leaves, what=f"merge result of {st.policy.name}")
+            for r, rep in (merged.replies or {}).items():
+                check_like(rep, st.leaves, what=f"{st.policy.name} reply to rank {r}")
         except Exception as e:  # a failing merge must never leave workers waiting
             self._abort(st, f"the {st.policy.name} merge of round {clock} failed: {e!r}")
             return
         st.merge_seconds += time.perf_counter() - t0
         if st.aborted:
             return
-        st.leaves, st.policy_state = list(new), pstate
+        st.leaves, st.policy_state = list(merged.params), merged.state
+        st.replies.update(merged.replies or {})
         st.version += 1
-        st.results[clock] = (st.leaves, st.version, {
-            c.rank for c in contributions
-            if all(a is b for a, b in zip(c.params, st.leaves))})
         st.history.append({"kind": "merge", "clock": clock, "version": st.version,
-                           "time": time.time(),
+                           "time": time.time(), "ranks": [c.rank for c in contributions],
                            "samples": sum(c.samples for c in contributions)})
-        st.events[clock].set()
 
     def get_params(self, run: str) -> dict:
         st = self.runs.get(run)
@@ -235,7 +257,7 @@ class TrainingPlugin(SchedulerPlugin):
             st.aborted = reason
             if log:
                 logger.warning("daskdl run %s aborted: %s", st.run, reason)
-        for ev in st.events.values():
+        for ev in st.waiting.values():
             ev.set()
 
 

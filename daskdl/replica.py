@@ -200,6 +200,11 @@ class Replica(WorkerPlugin):
             self._call("daskdl_abort", run=self.run, reason=str(err))
             self.state = None  # the next fit starts again from the global params
             raise err
+        if spec.get("slowdown", 1.0) > 1.0:  # a simulated straggler (benchmarks, tests)
+            time.sleep((spec["slowdown"] - 1.0) * (t_compute - t_data))
+            t_compute = time.perf_counter()
+        if spec.get("sends", "params") == "delta":
+            leaves = [np.asarray(x) for x in _deltas(state.params, self.state.params)]
         self.state = state
         samples = int(np.prod(losses.shape)) * spec["batch_size"]
         reply = self._call("daskdl_sync", run=self.run, rank=spec["rank"], clock=spec["clock"],
@@ -224,6 +229,11 @@ class Replica(WorkerPlugin):
             "version": reply["version"], "compiles": self.compiles,
             "started": started, "finished": time.time(),
         }
+
+
+@jax.jit
+def _deltas(new, old):
+    return [a - b for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old))]
 
 
 def run_round(run: str, spec: dict, *blocks) -> dict:

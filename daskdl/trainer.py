@@ -25,7 +25,7 @@ from .data import Dataset
 from .errors import DaskDLError, SyncAborted, TrainingDiverged
 from .plan import EpochPlan, make_plan
 from .plugin import TrainingPlugin, _load
-from .policies import BSP, Policy
+from .policies import Policy, from_config
 from .replica import Replica, evaluate_chunk, predict_chunk, replica_name, run_round
 from .step import check_metrics_output, split_loss_output
 from .tree import check_params, flatten, unflatten
@@ -68,7 +68,10 @@ class Trainer:
         ``batch`` is a dict of arrays named as in the dataset.  Pure JAX.
     params : initial parameters, any pytree of numpy or JAX arrays.
     optimizer : an ``optax.GradientTransformation``; each worker keeps its own state.
-    policy : the consistency policy, ``daskdl.BSP(every=16)`` by default.
+    policy : the consistency policy: a :class:`~daskdl.Policy` such as
+        ``daskdl.SSP(every=16, staleness=2)``, a config entry such as
+        ``{"class": "daskdl.SSP", "staleness": 2}``, or ``None`` for config
+        ``daskdl.policy`` (``BSP()`` when unset).
     batch_size : samples per optimizer step *on each worker*.
     client : a ``distributed.Client``; ``None`` takes the current default client,
         or starts a ``LocalCluster`` with one single-threaded worker process per
@@ -100,10 +103,7 @@ class Trainer:
             )
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        policy = BSP() if policy is None else policy
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a daskdl policy such as daskdl.BSP(every=16), "
-                            f"got {type(policy).__name__}")
+        policy = from_config(policy)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.policy = policy
@@ -111,6 +111,9 @@ class Trainer:
         self.seed = int(seed)
         self.rounds_ahead = max(1, int(config.get("rounds-ahead", rounds_ahead)))
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
+        # simulated stragglers for benchmarks and tests: {rank: factor}
+        self._slowdown = {int(k): float(v)
+                          for k, v in (config.get("testing.slowdown") or {}).items()}
         self._leaves, self._treedef = flatten(params)
         self._leaves = [np.array(x, copy=True) for x in self._leaves]
         self.run = uuid.uuid4().hex[:10]
@@ -352,7 +355,8 @@ class Trainer:
                 "steps": plan.round_steps(rnd), "batch_size": self.batch_size,
                 "segments": [(s.chunk, s.start, s.stop) for s in segs],
                 "chunks": chunks, "names": dataset.names, "fit": self._fits,
-                "first_clock": first_clock, "timeout": self.sync_timeout}
+                "first_clock": first_clock, "timeout": self.sync_timeout,
+                "sends": self.policy.sends, "slowdown": float(self._slowdown.get(rank, 1.0))}
         blocks = [ref for ch in chunks for ref in placement.refs[ch]]
         lazy = [i for i, b in enumerate(blocks) if not isinstance(b, Future)]
         if lazy:  # read the chunks on the worker that trains on them
