@@ -9,6 +9,9 @@ on each chunk.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import uuid
 import warnings
 from typing import Mapping
 
@@ -18,6 +21,7 @@ import numpy as np
 from . import config
 from .errors import DatasetError
 
+SHARE_ATTR = "daskdl_share"
 _TARGET_CHUNK_BYTES = 64 * 2**20
 _TARGET_CHUNKS = 16
 
@@ -96,6 +100,7 @@ class Dataset:
             raise DatasetError("the dataset has zero samples; there is nothing to train on.")
         self._arrays = arrays
         self._source = dict(_source) if _source is not None else None
+        self._zarr: ZarrSource | None = None  # set by from_zarr: workers read the store
 
     # -- constructors --------------------------------------------------------------
     @classmethod
@@ -138,7 +143,7 @@ class Dataset:
                 int(np.prod(np.shape(a)[1:], dtype=np.int64)) * np.asarray(a).dtype.itemsize
                 for a in arrays.values() if not isinstance(a, da.Array))
             rows = chunk_size or default_chunk_rows(n, row_bytes)
-            out[name] = da.from_array(v, chunks=(rows,) + v.shape[1:])
+            out[name] = _chunked(v, rows)
             source[name] = v
         if not all_numpy:
             ref = next(a for a in out.values())
@@ -147,21 +152,41 @@ class Dataset:
         return cls(out, _source=source if all_numpy else None)
 
     @classmethod
-    def from_zarr(cls, store, **names: str) -> "Dataset":
+    def from_zarr(cls, store, key=None, **names: str) -> "Dataset":
         """Open arrays of a Zarr group, by name; read chunk by chunk on the workers.
 
         Parameters
         ----------
-        store : a path, URL or Zarr store holding a group.
+        store : a path, URL or Zarr store holding a group (Zarr v3, or v2 as written
+            by xarray and older tools).
+        key : for a store written encrypted by :meth:`share`: the same 32-byte key or
+            passphrase.  A wrong key is an error here, before anything is read.
         **names : dataset name -> array path in the group, e.g. ``x="x", y="y"``.
             With none, every array at the group's top level is used under its name.
+
+        During training each worker reads its chunks straight from the store (never
+        through the client or the scheduler), one round ahead of the one it computes.
         """
         import zarr
+
+        from .codecs import ATTR, EncryptedStore, open_key
 
         try:
             group = zarr.open_group(store, mode="r")
         except Exception as e:  # zarr raises several types for a missing/malformed group
             raise DatasetError(f"cannot open a Zarr group at {store!r}: {e}") from e
+        attrs = group.attrs.asdict()
+        share = attrs.get(SHARE_ATTR)
+        if share is not None and not share.get("complete"):
+            raise DatasetError(
+                f"the Zarr store {store!r} was not completely written by Dataset.share "
+                "(the share was interrupted); run share again")
+        if ATTR in attrs:
+            data_key = open_key(key, attrs[ATTR], where=f"the Zarr store {store!r}")
+            group = zarr.open_group(EncryptedStore(group.store, data_key,
+                                                   attrs[ATTR]["store_id"]), mode="r")
+        elif key is not None:
+            raise DatasetError(f"the Zarr store {store!r} is not encrypted, but a key was given")
         available = sorted(k for k, _ in group.arrays())
         if not names:
             names = {k: k for k in available}
@@ -177,7 +202,10 @@ class Dataset:
             if not isinstance(arr, zarr.Array):
                 raise DatasetError(f"{path!r} in {store!r} is a group, not an array")
             arrays[name] = da.from_zarr(arr)
-        return cls(arrays)
+        ds = cls(arrays)
+        if all(a.chunks[0] == ds.chunks for a in ds._arrays.values()):
+            ds._zarr = ZarrSource(group.store, {n: p for n, p in names.items()}, ds.chunks)
+        return ds
 
     # -- views ----------------------------------------------------------------------
     @property
@@ -267,6 +295,190 @@ class Dataset:
                 )
             parts.append(Dataset(arrays))
         return parts[0], parts[1]
+
+
+    def map(self, fn, outputs: dict | None = None) -> "Dataset":
+        """Apply ``fn`` chunk by chunk, lazily, as Dask tasks (preprocessing).
+
+        Parameters
+        ----------
+        fn : ``fn(batch) -> dict of arrays``: ``batch`` is a dict of numpy arrays (one
+            chunk of every array, by name); every output keeps the number of rows.
+            Numpy or JAX code.
+        outputs : ``{name: (shape_without_rows, dtype)}``; ``None`` infers them by
+            calling ``fn`` on the first two rows.
+
+        Returns
+        -------
+        Dataset with ``fn``'s outputs, chunked like this one.  Nothing runs until the
+        data is used (by training, or by :meth:`share`, which runs it once and keeps
+        the result).
+        """
+        import dask
+
+        if outputs is None:
+            sample = {n: np.asarray(a[:min(2, len(self))].compute(scheduler="sync"))
+                      for n, a in self._arrays.items()}
+            out = _call_map(fn, sample)
+            outputs = {k: (np.shape(v)[1:], np.asarray(v).dtype) for k, v in out.items()}
+        names = self.names
+        per_name = [self._arrays[n].to_delayed(optimize_graph=False).reshape(-1) for n in names]
+        parts: dict = {k: [] for k in outputs}
+        for c, rows in enumerate(self.chunks):
+            d = dask.delayed(_apply_map, pure=True)(fn, names, *[p[c] for p in per_name])
+            for k, (shape, dtype) in outputs.items():
+                parts[k].append(da.from_delayed(d[k], shape=(rows,) + tuple(shape),
+                                                dtype=np.dtype(dtype)))
+        return Dataset({k: da.concatenate(v, axis=0) for k, v in parts.items()})
+
+    def share(self, path_or_store, compressor="zstd", key=None, overwrite: bool = False,
+              client=None) -> "Dataset":
+        """Compute the dataset once, on the workers, into a Zarr store; read it from there.
+
+        Parameters
+        ----------
+        path_or_store : a local path (written to a temporary folder beside it, renamed
+            into place when complete), or any Zarr store (marked complete at the end).
+        compressor : ``"zstd"`` (default), ``"blosc"``, ``"gzip"``, ``None``, or a Zarr
+            v3 codec object.
+        key : 32 random bytes or a passphrase: encrypt every chunk with AES-256-GCM
+            bound to its place in the store (see :mod:`daskdl.codecs`).  The key is not
+            stored; keep it to read the data again with ``from_zarr(..., key=...)``.
+        overwrite : replace an existing store at ``path_or_store``.
+        client : the Dask client whose workers compute and write the chunks; ``None``
+            uses Dask's default scheduler (the default client, if there is one).
+
+        Returns
+        -------
+        Dataset reading from the store: every worker, and every later run, reuses it
+        through :meth:`from_zarr`.
+
+        An interrupted share never leaves a store that looks complete: a local path
+        only appears once everything is written, and other stores carry the
+        completion mark only then.
+        """
+        import zarr
+        from zarr.storage import LocalStore
+
+        from .codecs import ATTR, EncryptedStore, new_encryption_attrs
+
+        local = isinstance(path_or_store, (str, os.PathLike)) and "://" not in str(path_or_store)
+        if local:
+            final = os.fspath(path_or_store)
+            if os.path.exists(final):
+                if not overwrite:
+                    raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
+            tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+            store = LocalStore(tmp)
+        else:
+            store = path_or_store
+        group = zarr.open_group(store, mode="w")
+        group.attrs[SHARE_ATTR] = {"complete": False, "names": list(self.names)}
+        if key is not None:
+            data_key, enc = new_encryption_attrs(key)
+            group.attrs[ATTR] = enc
+            group = zarr.open_group(EncryptedStore(group.store, data_key, enc["store_id"]),
+                                    mode="r+")
+        codecs = _compressors(compressor)
+        rows = max(self.chunks)
+        sources, targets = [], []
+        for name, arr in self._arrays.items():
+            regular = arr if _regular(arr.chunks[0]) else arr.rechunk({0: rows})
+            target = group.create_array(
+                name, shape=arr.shape, dtype=arr.dtype,
+                chunks=(regular.chunks[0][0],) + arr.shape[1:], compressors=codecs)
+            sources.append(regular)
+            targets.append(target)
+        job = da.store(sources, targets, lock=False, compute=False)
+        jobs = list(job) if isinstance(job, (tuple, list)) else [job]
+        if client is not None:
+            client.gather(client.compute(jobs))
+        else:
+            import dask
+
+            dask.compute(*jobs)
+        plain = zarr.open_group(store, mode="r+")
+        plain.attrs[SHARE_ATTR] = {"complete": True, "names": list(self.names)}
+        if local:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            return Dataset.from_zarr(final, key=key)
+        return Dataset.from_zarr(store, key=key)
+
+
+def _regular(chunks: tuple) -> bool:
+    return all(c == chunks[0] for c in chunks[:-1]) and chunks[-1] <= chunks[0]
+
+
+def _compressors(spec):
+    import zarr
+
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        return spec
+    table = {"zstd": lambda: zarr.codecs.ZstdCodec(level=3),
+             "blosc": lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+             "gzip": lambda: zarr.codecs.GzipCodec(level=5)}
+    if spec not in table:
+        raise ValueError(f"unknown compressor {spec!r}; use one of {sorted(table)}, None, or a "
+                         "Zarr codec object such as zarr.codecs.ZstdCodec(level=5)")
+    return table[spec]()
+
+
+def _call_map(fn, batch: dict) -> dict:
+    out = fn(batch)
+    if not isinstance(out, dict) or not out:
+        raise TypeError(f"the function given to Dataset.map must return a dict of arrays "
+                        f"by name, e.g. {{'x': features, 'y': batch['y']}}; got "
+                        f"{type(out).__name__}")
+    n = len(next(iter(batch.values())))
+    for k, v in out.items():
+        if np.ndim(v) == 0 or np.shape(v)[0] != n:
+            raise ValueError(f"Dataset.map output {k!r} has shape {np.shape(v)} for a chunk of "
+                             f"{n} rows; every output must keep the number of rows")
+    return out
+
+
+def _apply_map(fn, names, *blocks):
+    return {k: np.asarray(v) for k, v in _call_map(fn, dict(zip(names, blocks))).items()}
+
+
+def _chunked(v: np.ndarray, rows: int) -> da.Array:
+    """A Dask array over ``v`` with one graph key (holding only its rows) per chunk."""
+    parts = [da.from_array(v[i:i + rows], chunks=(min(rows, len(v) - i),) + v.shape[1:])
+             for i in range(0, len(v), rows)] or [da.from_array(v)]
+    return da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+class ZarrSource:
+    """Where a Zarr-backed dataset's chunks live: a store, array paths, chunk sizes.
+
+    Small and picklable: it travels with each round so the worker reads the chunks
+    itself.
+    """
+
+    def __init__(self, store, paths: dict, chunks: tuple):
+        self.store = store
+        self.paths = dict(paths)
+        self.chunks = tuple(chunks)
+        self.offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(chunks)]))
+        self.token = uuid.uuid4().hex
+
+    def read(self, chunk: int, arrays: dict | None = None) -> tuple:
+        """Chunk ``chunk`` of every array, in the order of ``paths`` (runs on a worker)."""
+        import zarr
+
+        if arrays is None:
+            arrays = self.open()
+        sl = slice(self.offsets[chunk], self.offsets[chunk + 1])
+        return tuple(np.asarray(arrays[n][sl]) for n in self.paths)
+
+    def open(self) -> dict:
+        import zarr
+
+        return {n: zarr.open_array(self.store, path=p, mode="r") for n, p in self.paths.items()}
 
 
 def _take_rows(block, selections, block_info=None):
