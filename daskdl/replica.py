@@ -65,11 +65,15 @@ class Replica(WorkerPlugin):
         self.closed = False
         self.need_pull = True
         self.turn = threading.Condition()
+        self._zarr_arrays: dict = {}
+        self._prefetched: dict = {}
+        self._pool = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        for k in ("worker", "train_steps", "state", "turn"):
+        for k in ("worker", "train_steps", "state", "turn", "_pool"):
             d[k] = None
+        d["_zarr_arrays"], d["_prefetched"] = {}, {}
         return d
 
     def __setstate__(self, d):
@@ -80,6 +84,8 @@ class Replica(WorkerPlugin):
         self.worker = worker
 
     def teardown(self, worker):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         with self.turn:
             self.closed = True
             self.turn.notify_all()
@@ -141,6 +147,41 @@ class Replica(WorkerPlugin):
             self.state = self.state._replace(params=params)
         self.version = version
 
+    # -- reading Zarr chunks on the worker, one round ahead -----------------------------
+    def _read_chunks(self, spec: dict) -> list:
+        """This round's chunks: prefetched during the last round, or read now."""
+        src = spec["zarr"]
+        arrays = self._zarr_arrays.get(src.token)
+        if arrays is None:  # one source open at a time
+            self._zarr_arrays = {src.token: src.open()}
+            arrays = self._zarr_arrays[src.token]
+        out = []
+        for c in spec["chunks"]:
+            fut = self._prefetched.pop((src.token, c), None)
+            out.extend(fut.result() if fut is not None else src.read(c, arrays))
+        for fut in self._prefetched.values():  # a plan changed under us: drop stale reads
+            fut.cancel()
+        self._prefetched.clear()
+        return out
+
+    def _prefetch_chunks(self, spec: dict, blocks: list) -> None:
+        """Start reading the next round's chunks; keep those this round already has."""
+        import concurrent.futures
+
+        src = spec["zarr"]
+        arrays = self._zarr_arrays[src.token]
+        width = len(spec["names"])
+        have = {c: tuple(blocks[i * width:(i + 1) * width]) for i, c in enumerate(spec["chunks"])}
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "daskdl-prefetch")
+        for c in spec.get("next_chunks", []):
+            if c in have:
+                done = concurrent.futures.Future()
+                done.set_result(have[c])
+                self._prefetched[(src.token, c)] = done
+            else:
+                self._prefetched[(src.token, c)] = self._pool.submit(src.read, c, arrays)
+
     # -- a round ----------------------------------------------------------------------
     def gather_batches(self, spec: dict, blocks: tuple) -> dict:
         """The round's samples as arrays of shape ``(steps, batch_size, ...)``, by name.
@@ -185,10 +226,14 @@ class Replica(WorkerPlugin):
         if self.state is None or self.need_pull:
             self._pull()
             self.need_pull = False
+        if "zarr" in spec:
+            blocks = self._read_chunks(spec)
         batches = self.gather_batches(spec, blocks)
         t_data = time.perf_counter()
         cache_before = self.train_steps._cache_size()
-        state, (losses, aux) = self.train_steps(self.state, batches)
+        state, (losses, aux) = self.train_steps(self.state, batches)  # dispatched, not done
+        if "zarr" in spec:
+            self._prefetch_chunks(spec, blocks)  # next round's reads overlap this compute
         losses = np.asarray(losses)  # waits for the computation
         self.compiles += self.train_steps._cache_size() - cache_before  # for tests
         t_compute = time.perf_counter()

@@ -53,10 +53,11 @@ def _close_client(client: Client) -> None:
 class _Placement:
     """Where each chunk of a dataset comes from on the cluster (futures or tasks)."""
 
-    def __init__(self, refs: list, owners: list, workers: tuple):
+    def __init__(self, refs: list, owners: list, workers: tuple, zarr=None):
         self.refs = refs  # refs[chunk][name_index] -> Future or Delayed
         self.owners = owners  # rank holding each chunk, or -1
         self.workers = workers
+        self.zarr = zarr  # a ZarrSource: training workers read chunks from the store
 
 
 class Trainer:
@@ -234,7 +235,7 @@ class Trainer:
             where = self.client.run_on_scheduler(_locations, keys)
             rank_of = {a: r for r, a in enumerate(workers)}
             owners = [rank_of.get(where.get(k), -1) for k in keys]
-        placement = _Placement(refs, owners, workers)
+        placement = _Placement(refs, owners, workers, dataset._zarr)
         self._placements[key] = (dataset, placement)
         return placement
 
@@ -304,7 +305,7 @@ class Trainer:
                 while inflight[rank] < self.rounds_ahead and queue[rank]:
                     e, rnd, clock = queue[rank].popleft()
                     new.append((rank, e, rnd, clock, self._round_task(
-                        plans[e], rank, rnd, clock, dataset, placement, workers,
+                        plans, e, rank, rnd, clock, dataset, placement, workers,
                         first_clock)))
                     inflight[rank] += 1
             if not new:
@@ -346,9 +347,18 @@ class Trainer:
         self._fetch_params()
         return results
 
-    def _round_task(self, plan: EpochPlan, rank: int, rnd: int, clock: int, dataset: Dataset,
-                    placement: _Placement, workers: tuple, first_clock: int):
-        """The ``daskdl-round-...`` task of worker ``rank`` in round ``rnd`` (a Delayed)."""
+    def _round_task(self, plans: dict, epoch: int, rank: int, rnd: int, clock: int,
+                    dataset: Dataset, placement: _Placement, workers: tuple,
+                    first_clock: int):
+        """The ``daskdl-round-...`` task of worker ``rank`` in round ``rnd`` (a Delayed).
+
+        Chunks reach the task in one of three ways: Zarr-backed data is read by the
+        worker itself (the spec names the chunks of this round and of the next, which
+        the worker prefetches while it computes); chunks already in worker memory are
+        dependencies; other lazy chunks are computed on the worker just before the
+        round before this one (so a worker holds at most two rounds of them).
+        """
+        plan = plans[epoch]
         segs = plan.round_segments(rank, rnd)
         chunks = list(dict.fromkeys(s.chunk for s in segs))
         spec = {"epoch": plan.epoch, "round": rnd, "rank": rank, "clock": clock,
@@ -357,12 +367,21 @@ class Trainer:
                 "chunks": chunks, "names": dataset.names, "fit": self._fits,
                 "first_clock": first_clock, "timeout": self.sync_timeout,
                 "sends": self.policy.sends, "slowdown": float(self._slowdown.get(rank, 1.0))}
-        blocks = [ref for ch in chunks for ref in placement.refs[ch]]
-        lazy = [i for i, b in enumerate(blocks) if not isinstance(b, Future)]
-        if lazy:  # read the chunks on the worker that trains on them
-            futs = self.client.compute([blocks[i] for i in lazy], workers=[workers[rank]])
-            for i, f in zip(lazy, futs):
-                blocks[i] = f
+        blocks: list = []
+        if placement.zarr is not None:
+            spec["zarr"] = placement.zarr
+            nxt = (plan, rnd + 1) if rnd + 1 < plan.rounds else (plans.get(epoch + 1), 0)
+            spec["next_chunks"] = (
+                list(dict.fromkeys(s.chunk for s in nxt[0].round_segments(rank, nxt[1])))
+                if nxt[0] is not None and nxt[0].rounds else [])
+        else:
+            blocks = [ref for ch in chunks for ref in placement.refs[ch]]
+            lazy = [i for i, b in enumerate(blocks) if not isinstance(b, Future)]
+            if lazy:  # computed on the worker that trains on them, one round ahead
+                futs = self.client.compute([blocks[i] for i in lazy], workers=[workers[rank]],
+                                           priority=-clock + 1.5)
+                for i, f in zip(lazy, futs):
+                    blocks[i] = f
         with dask.annotate(workers=[workers[rank]], allow_other_workers=False,
                            priority=-clock):
             return dask.delayed(run_round, pure=False)(

@@ -279,11 +279,12 @@ def test_a_round_that_starts_early_waits_for_the_rounds_before_it(client1):
                      params=to_serialize(tr._leaves), policy=to_serialize(tr.policy),
                      members={"0": workers[0]}, timeout=30)
         plan = make_plan(ds.chunks, 1, 16, 1, 0, 0, placement.owners)
-        late = client1.compute(tr._round_task(plan, 0, 1, 1, ds, placement, workers, 0),
+        late = client1.compute(tr._round_task({0: plan}, 0, 0, 1, 1, ds, placement, workers, 0),
                                optimize_graph=False)
         time.sleep(1.0)
         assert late.status == "pending"  # started, waiting for round 0
-        early = client1.compute(tr._round_task(plan, 0, 0, 0, ds, placement, workers, 0),
+        early = client1.compute(tr._round_task({0: plan}, 0, 0, 0, 0, ds, placement, workers,
+                                               0),
                                 optimize_graph=False)
         r0, r1 = early.result(timeout=60), late.result(timeout=60)
         assert (r0["version"], r1["version"]) == (1, 2)
