@@ -254,9 +254,17 @@ class Replica(WorkerPlugin):
             leaves = [np.asarray(x) for x in _deltas(state.params, self.state.params)]
         self.state = state
         samples = int(np.prod(losses.shape)) * spec["batch_size"]
-        reply = self._call("daskdl_sync", run=self.run, rank=spec["rank"], clock=spec["clock"],
-                           params=to_serialize(leaves), samples=samples, version=self.version,
-                           loss=float(losses.mean()), compute=t_compute - t_data)
+        # Waiting in the barrier frees this worker's thread (secede), so that tasks other
+        # workers need from this one (a chunk computed here) can run meanwhile: a
+        # barrier must never wait on a task queued behind it.
+        secede()
+        try:
+            reply = self._call("daskdl_sync", run=self.run, rank=spec["rank"],
+                               clock=spec["clock"], params=to_serialize(leaves),
+                               samples=samples, version=self.version,
+                               loss=float(losses.mean()), compute=t_compute - t_data)
+        finally:
+            rejoin()
         if reply.get("status") != "OK":
             self.state = None
             raise SyncAborted(f"round {spec['round']} of epoch {spec['epoch']} on worker "
