@@ -1,6 +1,7 @@
 """daskdl: data-parallel deep learning with JAX on Dask clusters."""
 
 from . import config as _config  # noqa: F401  (loads the daskdl defaults)
+from .codecs import ChunkAuthenticationError
 from .data import Dataset
 from .errors import DaskDLError, DatasetError, SyncAborted, TrainingDiverged
 from .plan import EpochPlan, make_plan

@@ -137,9 +137,11 @@ class EncryptedStore(WrapperStore):
         nonce = os.urandom(_NONCE)
         return nonce + self._aes.encrypt(nonce, data, _aad(self._store_id, key))
 
-    def _open_chunk(self, key: str, data: bytes) -> bytes:
+    def _open_chunk(self, key: str, data) -> bytes:
+        view = memoryview(data)  # no copies of the ciphertext
         try:
-            return self._aes.decrypt(data[:_NONCE], data[_NONCE:], _aad(self._store_id, key))
+            return self._aes.decrypt(bytes(view[:_NONCE]), view[_NONCE:],
+                                     _aad(self._store_id, key))
         except InvalidTag:
             array, _, chunk = key.partition("/c/") if "/c/" in key else key.rpartition("/")
             raise ChunkAuthenticationError(
@@ -152,7 +154,7 @@ class EncryptedStore(WrapperStore):
         buf = await self._store.get(key, prototype, None)
         if buf is None:
             return None
-        plain = self._open_chunk(key, buf.to_bytes())
+        plain = self._open_chunk(key, buf.as_numpy_array())
         out = prototype.buffer.from_bytes(plain)
         if byte_range is None:
             return out

@@ -339,8 +339,9 @@ class Dataset:
         ----------
         path_or_store : a local path (written to a temporary folder beside it, renamed
             into place when complete), or any Zarr store (marked complete at the end).
-        compressor : ``"zstd"`` (default), ``"blosc"``, ``"gzip"``, ``None``, or a Zarr
-            v3 codec object.
+        compressor : ``"zstd"`` (default), ``"lz4"`` (Blosc LZ4 with byte shuffle:
+            faster to read, larger), ``"blosc"`` (Blosc zstd with shuffle), ``"gzip"``,
+            ``None``, or a Zarr v3 codec object.
         key : 32 random bytes or a passphrase: encrypt every chunk with AES-256-GCM
             bound to its place in the store (see :mod:`daskdl.codecs`).  The key is not
             stored; keep it to read the data again with ``from_zarr(..., key=...)``.
@@ -420,6 +421,7 @@ def _compressors(spec):
         return spec
     table = {"zstd": lambda: zarr.codecs.ZstdCodec(level=3),
              "blosc": lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+             "lz4": lambda: zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
              "gzip": lambda: zarr.codecs.GzipCodec(level=5)}
     if spec not in table:
         raise ValueError(f"unknown compressor {spec!r}; use one of {sorted(table)}, None, or a "
