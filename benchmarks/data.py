@@ -25,7 +25,6 @@ import tempfile
 
 import jax
 import numpy as np
-import optax
 from distributed import Client, LocalCluster
 
 import daskdl as ddl

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import threading
 import time
 
 import dask
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from distributed import Client, LocalCluster
@@ -33,27 +33,15 @@ from distributed import Client, LocalCluster
 import daskdl as ddl
 from daskdl.workerenv import cluster_config
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput as tp  # noqa: E402  (the MLP and its loss)
+from throughput import loss_fn  # noqa: E402
+
 SIZES = (784, 256, 256, 10)
 
 
 def init_mlp(key):
-    params = []
-    for n_in, n_out in zip(SIZES[:-1], SIZES[1:]):
-        key, sub = jax.random.split(key)
-        params.append({"w": jax.random.normal(sub, (n_in, n_out)) * np.sqrt(2 / n_in),
-                       "b": jnp.zeros(n_out)})
-    return params
-
-
-def apply_mlp(params, x):
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def loss_fn(params, batch):
-    return optax.softmax_cross_entropy_with_integer_labels(
-        apply_mlp(params, batch["x"]), batch["y"]).mean()
+    return tp.init_mlp(key, SIZES)
 
 
 def make_data(n, seed=0):

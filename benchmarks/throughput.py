@@ -38,9 +38,9 @@ BATCH = 128
 EVERY = 16
 
 
-def init_mlp(key):
+def init_mlp(key, sizes=SIZES):
     params = []
-    for n_in, n_out in zip(SIZES[:-1], SIZES[1:]):
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
         key, sub = jax.random.split(key)
         params.append({"w": jax.random.normal(sub, (n_in, n_out), jnp.float32) * np.sqrt(2 / n_in),
                        "b": jnp.zeros(n_out, jnp.float32)})

@@ -30,6 +30,7 @@ from .workerenv import WorkerEnvironment, worker_environment
 __all__ = [
     "Async",
     "BSP",
+    "ChunkAuthenticationError",
     "DiLoCo",
     "EASGD",
     "Merged",

@@ -470,7 +470,6 @@ class ZarrSource:
 
     def read(self, chunk: int, arrays: dict | None = None) -> tuple:
         """Chunk ``chunk`` of every array, in the order of ``paths`` (runs on a worker)."""
-        import zarr
 
         if arrays is None:
             arrays = self.open()

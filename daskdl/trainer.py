@@ -8,7 +8,7 @@ import os
 import time
 import uuid
 import weakref
-from typing import Any, Callable
+from typing import Callable
 
 import cloudpickle
 import dask
@@ -22,7 +22,7 @@ from distributed.protocol.serialize import to_serialize
 
 from . import config
 from .data import Dataset
-from .errors import DaskDLError, SyncAborted, TrainingDiverged
+from .errors import DaskDLError, SyncAborted
 from .plan import EpochPlan, make_plan
 from .plugin import TrainingPlugin, _load
 from .policies import Policy, from_config

@@ -10,10 +10,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import pytest  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
 
@@ -52,29 +49,15 @@ def client1():
     cluster.close()
 
 
-# -- a small model and data used across tests ------------------------------------------
+# -- a small model and data used across tests: the digits example's, smaller ------------
+from examples import digits as _digits  # noqa: E402
+from examples.digits import accuracy, apply_mlp, loss_fn  # noqa: E402,F401
+
+cloudpickle.register_pickle_by_value(_digits)
+
+
 def init_mlp(key, sizes=(64, 32, 10)):
-    params = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        key, sub = jax.random.split(key)
-        params.append({"w": jax.random.normal(sub, (n_in, n_out)) * np.sqrt(2.0 / n_in),
-                       "b": jnp.zeros(n_out)})
-    return params
-
-
-def apply_mlp(params, x):
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def loss_fn(params, batch):
-    logits = apply_mlp(params, batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-
-
-def accuracy(params, batch):
-    return {"accuracy": (apply_mlp(params, batch["x"]).argmax(-1) == batch["y"]).mean()}
+    return _digits.init_mlp(key, sizes)
 
 
 @pytest.fixture(scope="session")

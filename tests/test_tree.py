@@ -75,3 +75,12 @@ def test_flatten_roundtrip():
     leaves, treedef = flatten(p)
     q = unflatten(treedef, leaves)
     assert np.array_equal(q["a"][1], p["a"][1]) and np.array_equal(q["b"], p["b"])
+
+
+def test_public_names_import():
+    import daskdl
+
+    for name in daskdl.__all__:
+        assert getattr(daskdl, name) is not None, name
+    assert {"Trainer", "Dataset", "BSP", "SSP", "Async", "EASGD", "DiLoCo",
+            "TrainingDiverged"} <= set(daskdl.__all__)
