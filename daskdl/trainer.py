@@ -240,8 +240,20 @@ class Trainer:
         return placement
 
     # -- training ---------------------------------------------------------------------------
-    def fit(self, dataset: Dataset, epochs: int = 1) -> list[dict]:
+    def fit(self, dataset: Dataset, epochs: int = 1, verbose: bool = True,
+            callbacks: Sequence[Callable[[dict], Any]] = ()) -> list[dict]:
         """Train for ``epochs`` passes over ``dataset``.
+
+        Parameters
+        ----------
+        dataset : the training data.
+        epochs : passes over it.
+        verbose : show a progress bar (``tqdm.auto``: a widget in Jupyter, text in a
+            terminal) counting rounds, with epoch, round, loss and samples/s (updated
+            per epoch, or as rounds finish when there are callbacks).
+        callbacks : functions called on the client with each round's metrics (a dict:
+            ``rank, epoch, round, clock, worker, loss, samples, metrics, data_s,
+            compute_s, sync_s, wait_s, version``), in batches as rounds finish.
 
         Every epoch each sample is used at most once, and all but fewer than
         ``n_workers * batch_size`` samples are used (see :mod:`daskdl.plan`).
@@ -262,6 +274,9 @@ class Trainer:
                             f"got {type(dataset).__name__}")
         if epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
+        callbacks = [callbacks] if callable(callbacks) else list(callbacks)
+        if not all(callable(cb) for cb in callbacks):
+            raise TypeError("callbacks must be functions taking a round's metrics dict")
         workers, info = self._workers()
         n_workers = len(workers)
         # validate cheaply on the client before anything runs on the cluster
@@ -317,33 +332,61 @@ class Trainer:
                 ac.add(fut)
 
         done_rounds = collections.Counter()
-        epoch_futures: dict = collections.defaultdict(list)
+        epoch_rounds: dict = collections.defaultdict(list)
+        unreported: list = []  # finished rounds whose metrics are still on the workers
         t_epoch = time.perf_counter()
+        t_fit = time.perf_counter()
         results = []
+        total = sum(p.rounds for p in plans.values()) * n_workers
+        bar = _progress_bar(total, verbose)
+        seen = {"samples": 0}
+
+        def report() -> None:
+            """Fetch finished rounds' metrics in one call; progress bar and callbacks."""
+            if not unreported:
+                return
+            got = sorted(c.gather(unreported), key=lambda r: (r["clock"], r["rank"]))
+            unreported.clear()
+            for r in got:
+                epoch_rounds[r["epoch"]].append(r)
+                seen["samples"] += r["samples"]
+                for cb in callbacks:
+                    cb(r)
+            last = got[-1]
+            bar.set_postfix(epoch=last["epoch"], round=last["round"], loss=f"{last['loss']:.4f}",
+                            samples_s=f"{seen['samples'] / (time.perf_counter() - t_fit):.0f}",
+                            refresh=False)
+
         top_up()
         try:
-            # results stay on the workers until an epoch is complete, then come in one
-            # gather: the client does no per-round work but submitting the next round
+            # round metrics stay on the workers and come back in one gather per epoch
+            # (per top-up when there are callbacks): the client does little per round
             for fut in ac:
                 rank, e = pending.pop(fut.key)
                 _pending_futures.pop(fut.key)
                 if fut.status != "finished":
                     raise fut.exception()
                 inflight[rank] -= 1
-                epoch_futures[e].append(fut)
+                unreported.append(fut)
                 done_rounds[e] += 1
+                bar.update(1)
                 if inflight[rank] <= self.rounds_ahead // 2:
                     top_up()
+                    if callbacks:  # otherwise metrics come once per epoch: cheaper
+                        report()
                 if done_rounds[e] == plans[e].rounds * n_workers:
-                    rec = self._end_epoch(e, plans[e], c.gather(epoch_futures.pop(e)), t_epoch)
+                    report()
+                    rec = self._end_epoch(e, plans[e], epoch_rounds.pop(e), t_epoch)
                     t_epoch = time.perf_counter()
                     results.append(rec)
         except BaseException as exc:
+            bar.close()
             root = self._fail(exc, list(_pending_futures.values()))
             self._fetch_params()
             if root is exc:
                 raise
             raise root from None
+        bar.close()
         self._fetch_params()
         return results
 
@@ -492,6 +535,13 @@ class Trainer:
     def info(self) -> dict | None:
         """The scheduler's view of this run: version, clocks, per-round history."""
         return self.client.sync(self.client.scheduler.daskdl_info, run=self.run)
+
+
+def _progress_bar(total: int, verbose: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="round", desc="daskdl fit", disable=not verbose,
+                leave=False)
 
 
 def _locations(keys, dask_scheduler=None) -> dict:

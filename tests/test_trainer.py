@@ -290,3 +290,23 @@ def test_a_round_that_starts_early_waits_for_the_rounds_before_it(client1):
         assert (r0["version"], r1["version"]) == (1, 2)
         arrivals = [h["clock"] for h in tr.info()["history"] if h["kind"] == "arrive"]
         assert arrivals == [0, 1]
+
+
+def test_progress_bar_and_callbacks(client2, digits, capsys):
+    x, y = digits
+    ds = ddl.Dataset.from_arrays(x=x, y=y)
+    seen = []
+    with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                     policy=ddl.BSP(every=4), batch_size=32, client=client2) as tr:
+        hist = tr.fit(ds, epochs=2, callbacks=[seen.append])
+        err = capsys.readouterr().err
+        assert "daskdl fit" in err and "round" in err
+        assert len(seen) == sum(h["rounds"] for h in hist) * 2
+        assert {"rank", "epoch", "round", "loss", "samples", "wait_s", "compute_s"} <= set(seen[0])
+        for rank in (0, 1):
+            clocks = [r["clock"] for r in seen if r["rank"] == rank]
+            assert clocks == sorted(clocks) and len(set(clocks)) == len(clocks)
+        tr.fit(ds, epochs=1, verbose=False, callbacks=lambda r: None)
+        assert "daskdl fit" not in capsys.readouterr().err
+        with pytest.raises(TypeError, match="callbacks must be functions"):
+            tr.fit(ds, callbacks=[1])
