@@ -243,6 +243,25 @@ class Dataset:
         parts = ", ".join(f"{k}: {a.dtype}{list(a.shape)}" for k, a in self._arrays.items())
         return f"<daskdl.Dataset {len(self)} samples in {self.nchunks} chunks; {parts}>"
 
+    def _repr_html_(self) -> str:
+        from dask.utils import format_bytes
+        from html import escape
+
+        if self._zarr is not None:
+            enc = " (encrypted)" if type(self._zarr.store).__name__ == "EncryptedStore" else ""
+            source = f"Zarr store {escape(repr(self._zarr.store))}{enc}"
+        elif self.in_memory:
+            source = "numpy arrays in this process (sent once to the workers)"
+        else:
+            source = "a Dask graph (computed on the training workers)"
+        rows = "".join(
+            f"<tr><td>{escape(n)}</td><td>{a.dtype}</td><td>{tuple(a.shape)}</td>"
+            f"<td>{len(a.chunks[0])} x {max(a.chunks[0])} rows</td>"
+            f"<td>{format_bytes(a.nbytes)}</td></tr>" for n, a in self._arrays.items())
+        return (f"<div><strong>daskdl.Dataset</strong>: {len(self)} samples in {self.nchunks} "
+                f"chunks, from {source}<table><tr><th>name</th><th>dtype</th><th>shape</th>"
+                f"<th>chunks</th><th>bytes</th></tr>{rows}</table></div>")
+
     def block(self, i: int) -> dict:
         """Chunk ``i`` as numpy arrays by name (in-memory datasets only)."""
         if self._source is None:

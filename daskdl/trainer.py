@@ -532,6 +532,26 @@ class Trainer:
         return da.concatenate(parts, axis=0)
 
     # -- diagnostics -------------------------------------------------------------------------------
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        try:
+            n = len(self.client.scheduler_info()["workers"])
+            link = self.client.dashboard_link
+        except Exception:  # a closed client
+            n, link = 0, None
+        last = self.history[-1] if self.history else None
+        progress = (f"{len(self.history)} epochs, last loss {last['loss']:.4f}, "
+                    f"{last['samples'] / last['seconds']:.0f} samples/s" if last else
+                    "not trained yet")
+        dash = f'<a href="{escape(link)}" target="_blank">{escape(link)}</a>' if link else "-"
+        return (f"<div><strong>daskdl.Trainer</strong> run {self.run}<table>"
+                f"<tr><td>policy</td><td>{escape(self.policy.name)}, every {self.policy.every}"
+                f"</td></tr><tr><td>batch size</td><td>{self.batch_size} per worker</td></tr>"
+                f"<tr><td>workers</td><td>{n}</td></tr><tr><td>progress</td><td>{progress}"
+                f"</td></tr><tr><td>dashboard</td><td>{dash}</td></tr></table></div>")
+
+
     def info(self) -> dict | None:
         """The scheduler's view of this run: version, clocks, per-round history."""
         return self.client.sync(self.client.scheduler.daskdl_info, run=self.run)

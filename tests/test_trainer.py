@@ -310,3 +310,19 @@ def test_progress_bar_and_callbacks(client2, digits, capsys):
         assert "daskdl fit" not in capsys.readouterr().err
         with pytest.raises(TypeError, match="callbacks must be functions"):
             tr.fit(ds, callbacks=[1])
+
+
+def test_html_reprs(client2, digits, tmp_path):
+    x, y = digits
+    ds = ddl.Dataset.from_arrays(x=x, y=y)
+    html = ds._repr_html_()
+    assert "1797 samples" in html and "numpy arrays" in html and "float32" in html
+    enc = ds.share(str(tmp_path / "e.zarr"), key="pw")._repr_html_()
+    assert "Zarr store" in enc and "encrypted" in enc
+    with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                     policy=ddl.SSP(every=4, staleness=1), client=client2) as tr:
+        assert "not trained yet" in tr._repr_html_()
+        tr.fit(ds, epochs=1, verbose=False)
+        html = tr._repr_html_()
+    assert "SSP(s=1), every 4" in html and "1 epochs, last loss" in html
+    assert "<td>workers</td><td>2</td>" in html
