@@ -8,7 +8,7 @@ import os
 import time
 import uuid
 import weakref
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import cloudpickle
 import dask
@@ -173,9 +173,7 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
     def _workers(self) -> tuple:
-        info = self.client.scheduler_info(n_workers=-1) if _accepts_n_workers() else \
-            self.client.scheduler_info()
-        workers = info["workers"]
+        workers = _worker_info(self.client)
         if not workers:
             raise DaskDLError("the cluster has no workers; start some (cluster.scale(2)) "
                               "or wait for them with client.wait_for_workers(2)")
@@ -188,8 +186,7 @@ class Trainer:
         """
         c = self.client
         c.register_plugin(TrainingPlugin(), name=TrainingPlugin.name)
-        info = c.scheduler_info(n_workers=-1) if _accepts_n_workers() else c.scheduler_info()
-        c.register_plugin(WorkerEnvironment(core_slots(info["workers"])))
+        c.register_plugin(WorkerEnvironment(core_slots(_worker_info(c))))
         c.register_plugin(Replica(self.run, self.loss_fn, self.optimizer, self._treedef,
                                   self.seed), name=replica_name(self.run))
 
@@ -277,7 +274,7 @@ class Trainer:
         callbacks = [callbacks] if callable(callbacks) else list(callbacks)
         if not all(callable(cb) for cb in callbacks):
             raise TypeError("callbacks must be functions taking a round's metrics dict")
-        workers, info = self._workers()
+        workers, _ = self._workers()
         n_workers = len(workers)
         # validate cheaply on the client before anything runs on the cluster
         make_plan(dataset.chunks, n_workers, self.batch_size, self.policy.every,
@@ -465,7 +462,9 @@ class Trainer:
         return root
 
     # -- evaluation ---------------------------------------------------------------------------
-    def _params_future(self, workers):
+    def _params_future(self):
+        """The global parameters on every worker, once (a list: scatter takes dict keys
+        as names)."""
         return self.client.scatter([self.params], broadcast=True, hash=False)[0]
 
     def evaluate(self, dataset: Dataset, metric_fn: Callable) -> dict:
@@ -486,7 +485,7 @@ class Trainer:
             raise
         workers, _ = self._workers()
         placement = self._place(dataset, workers)
-        pfut = self._params_future(workers)
+        pfut = self._params_future()
         token = tokenize(cloudpickle.dumps(metric_fn))
         tasks = [dask.delayed(evaluate_chunk, pure=False)(metric_fn, token, pfut, bs,
                                                           dataset.names, *refs)
@@ -522,7 +521,7 @@ class Trainer:
         workers, _ = self._workers()
         placement = self._place(dataset, workers)
         j = dataset.names.index(x)
-        pfut = self._params_future(workers)
+        pfut = self._params_future()
         token = tokenize(cloudpickle.dumps(apply_fn))
         bs = int(config.get("eval-batch-size"))
         parts = []
@@ -573,7 +572,10 @@ def _locations(keys, dask_scheduler=None) -> dict:
     return out
 
 
-def _accepts_n_workers() -> bool:
+def _worker_info(client: Client) -> dict:
+    """Address -> info of every worker (recent ``distributed`` lists only some by default)."""
     import inspect
 
-    return "n_workers" in inspect.signature(Client.scheduler_info).parameters
+    if "n_workers" in inspect.signature(Client.scheduler_info).parameters:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    return client.scheduler_info()["workers"]
