@@ -70,11 +70,13 @@ def test_diloco_with_outer_sgd_1_equals_bsp(client2, digits):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("policy", [
-    ddl.BSP(every=4), ddl.SSP(every=4, staleness=2), ddl.Async(every=4),
-    ddl.EASGD(every=4, alpha=0.25), ddl.DiLoCo(every=4)], ids=lambda p: p.name)
-def test_every_preset_trains_digits_to_95_percent(client2, digits, policy):
-    _, acc, info, _ = train(client2, digits, policy, epochs=30)
+@pytest.mark.parametrize("policy,epochs", [
+    (ddl.BSP(every=4), 20), (ddl.SSP(every=4, staleness=2), 20),
+    (ddl.Async(every=4), 30),  # its 1/(1+staleness) scale halves each update with 2 workers
+    (ddl.EASGD(every=4, alpha=0.25), 20), (ddl.DiLoCo(every=4), 20)],
+    ids=["BSP", "SSP", "Async", "EASGD", "DiLoCo"])
+def test_every_preset_trains_digits_to_95_percent(client2, digits, policy, epochs):
+    _, acc, info, _ = train(client2, digits, policy, epochs=epochs)
     assert acc >= 0.95, (policy.name, acc)
     assert info["policy"] == policy.name
 
