@@ -21,10 +21,10 @@ import argparse
 import os
 import resource
 import statistics
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from distributed import Client, LocalCluster
@@ -33,29 +33,17 @@ import daskdl as ddl
 from daskdl.step import init_state, make_train_steps
 from daskdl.workerenv import cluster_config, pin_process
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples import digits as _digits  # noqa: E402
+from examples.digits import apply_mlp, loss_fn  # noqa: E402,F401  (the same MLP and loss)
+
 SIZES = (784, 512, 512, 10)
 BATCH = 128
 EVERY = 16
 
 
 def init_mlp(key, sizes=SIZES):
-    params = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        key, sub = jax.random.split(key)
-        params.append({"w": jax.random.normal(sub, (n_in, n_out), jnp.float32) * np.sqrt(2 / n_in),
-                       "b": jnp.zeros(n_out, jnp.float32)})
-    return params
-
-
-def apply_mlp(params, x):
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def loss_fn(params, batch):
-    logits = apply_mlp(params, batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return _digits.init_mlp(key, sizes)
 
 
 def make_data(n: int, seed: int = 0):

@@ -30,23 +30,24 @@ def _cluster(n):
     return cluster
 
 
-@pytest.fixture(scope="session")
-def client2():
-    """A 2-worker process cluster shared by the tests (2 cores here)."""
-    cluster = _cluster(2)
+def _session_client(n):
+    cluster = _cluster(n)
     client = Client(cluster, set_as_default=False)
     yield client
     client.close()
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def client2():
+    """A 2-worker process cluster shared by the tests (2 cores here)."""
+    yield from _session_client(2)
 
 
 @pytest.fixture(scope="session")
 def client1():
-    cluster = _cluster(1)
-    client = Client(cluster, set_as_default=False)
-    yield client
-    client.close()
-    cluster.close()
+    """A 1-worker process cluster shared by the tests."""
+    yield from _session_client(1)
 
 
 # -- a small model and data used across tests: the digits example's, smaller ------------
