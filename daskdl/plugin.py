@@ -31,6 +31,8 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
+
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import Serialized, merge_and_deserialize, to_serialize
 
@@ -70,6 +72,32 @@ class RunState:
         self.history: collections.deque = collections.deque(maxlen=100_000)
         self.merge_seconds = 0.0
         self.rejected = 0
+        self.loss: float | None = None  # sample-weighted loss of the last merge
+        self.started = time.time()
+        self.ended: float | None = None
+        self.stats = {rank: _rank_stats(addr) for rank, addr in self.members.items()}
+
+    def metrics(self) -> dict:
+        """Aggregates for dashboards and Prometheus: plain numbers, cheap to compute."""
+        now = self.ended or time.time()
+        top = max(self.clocks.values(), default=0)
+        samples = sum(s["samples"] for s in self.stats.values())
+        per_rank = {}
+        for rank, s in self.stats.items():
+            d = dict(s)
+            d["clock"] = self.clocks.get(rank, s["clock"])
+            d["staleness"] = top - d["clock"]
+            d["active"] = rank in self.members
+            per_rank[rank] = d
+        return {
+            "run": self.run, "policy": self.policy.name, "every": self.policy.every,
+            "active": self.ended is None and self.aborted is None,
+            "aborted": self.aborted, "started": self.started, "ended": self.ended,
+            "workers": len(self.members), "version": self.version, "samples": samples,
+            "samples_per_s": samples / max(now - self.started, 1e-9),
+            "loss": self.loss, "rejected": self.rejected,
+            "merge_seconds": self.merge_seconds, "ranks": per_rank,
+        }
 
     def info(self) -> dict:
         return {
@@ -83,7 +111,24 @@ class RunState:
             "history": list(self.history),
             "merge_seconds": self.merge_seconds,
             "rejected": self.rejected,
+            "metrics": self.metrics(),
         }
+
+
+def _rank_stats(address: str) -> dict:
+    return {"address": address, "clock": 0, "rounds": 0, "samples": 0, "compute_s": 0.0,
+            "wait_s": 0.0, "bytes_in": 0, "bytes_out": 0, "loss": None, "divergence": None}
+
+
+def _norm_of_difference(a: list, b: list) -> float:
+    """``||a - b||`` over all floating leaves (for display: sums in the leaves' dtype)."""
+    total = 0.0
+    for x, y in zip(a, b):
+        x, y = np.asarray(x), np.asarray(y)
+        if np.issubdtype(x.dtype, np.inexact):
+            d = (x - y).ravel()
+            total += float(np.vdot(d, d).real)
+    return float(np.sqrt(total))
 
 
 class TrainingPlugin(SchedulerPlugin):
@@ -92,8 +137,11 @@ class TrainingPlugin(SchedulerPlugin):
     name = PLUGIN_NAME
     idempotent = True
 
+    keep_finished = 10
+
     def __init__(self):
         self.runs: dict[str, RunState] = {}
+        self.finished: dict[str, RunState] = {}  # ended runs, newest last, no params
         self.scheduler = None
 
     async def start(self, scheduler):
@@ -155,11 +203,19 @@ class TrainingPlugin(SchedulerPlugin):
             self._abort(st, str(e))
             return {"status": "aborted", "reason": str(e)}
         arrived = time.time()
-        contribution = Contribution(rank, leaves, int(samples), int(version))
+        contribution = Contribution(rank, leaves, int(samples), int(version), loss)
         st.clocks[rank] = clock + 1
+        nbytes = sum(x.nbytes for x in leaves)
         st.history.append({"kind": "arrive", "rank": rank, "clock": clock, "time": arrived,
                            "loss": loss, "samples": samples, "compute": compute,
-                           "version": version})
+                           "version": version, "bytes": nbytes})
+        stats = st.stats.setdefault(rank, _rank_stats(st.members.get(rank, "?")))
+        stats["clock"] = clock + 1
+        stats["rounds"] += 1
+        stats["samples"] += int(samples)
+        stats["compute_s"] += float(compute)
+        stats["bytes_in"] += nbytes
+        stats["loss"] = loss
         policy = st.policy
         if policy.group:
             group = st.pending.setdefault(clock, {})
@@ -185,12 +241,15 @@ class TrainingPlugin(SchedulerPlugin):
             st.waiting.pop(rank, None)
         if st.aborted:
             return {"status": "aborted", "reason": st.aborted}
-        reply = {"status": "OK", "version": st.version, "waited": time.time() - arrived}
+        waited = time.time() - arrived
+        reply = {"status": "OK", "version": st.version, "waited": waited}
+        stats["wait_s"] += waited
         new = st.replies.pop(rank, st.leaves)
         if all(a is b for a, b in zip(new, leaves)):
             reply["same"] = True  # the worker continues from what it sent: no bytes back
         else:
             reply["params"] = to_serialize(new)
+            stats["bytes_out"] += sum(x.nbytes for x in new)
         return reply
 
     def _release(self, st: RunState) -> None:
@@ -226,9 +285,21 @@ class TrainingPlugin(SchedulerPlugin):
         st.leaves, st.policy_state = list(merged.params), merged.state
         st.replies.update(merged.replies or {})
         st.version += 1
+        # divergence of each contributor from the new global params (policies sending
+        # deltas: the size of the delta, i.e. how far it moved from its starting point)
+        divergence = {}
+        for c in contributions:
+            ref = st.leaves if st.policy.sends == "params" else [np.zeros_like(x) for x in c.leaves]
+            divergence[c.rank] = _norm_of_difference(c.leaves, ref)
+            if c.rank in st.stats:
+                st.stats[c.rank]["divergence"] = divergence[c.rank]
+        weighted = [(c.loss, c.samples) for c in contributions if c.loss is not None]
+        if weighted:
+            st.loss = sum(lo * n for lo, n in weighted) / max(sum(n for _, n in weighted), 1)
         st.history.append({"kind": "merge", "clock": clock, "version": st.version,
                            "time": time.time(), "ranks": [c.rank for c in contributions],
-                           "samples": sum(c.samples for c in contributions)})
+                           "samples": sum(c.samples for c in contributions),
+                           "loss": st.loss, "divergence": divergence})
 
     def get_params(self, run: str) -> dict:
         st = self.runs.get(run)
@@ -250,7 +321,19 @@ class TrainingPlugin(SchedulerPlugin):
         st = self.runs.pop(run, None)
         if st is not None:
             self._abort(st, "the run ended", log=False)
+            st.ended = time.time()
+            st.leaves, st.policy_state, st.replies, st.pending = [], None, {}, {}
+            self.finished[run] = st  # kept (without parameters) for dashboards
+            while len(self.finished) > self.keep_finished:
+                self.finished.pop(next(iter(self.finished)))
         return {"status": "OK"}
+
+    def metrics(self) -> dict:
+        """``{run: metrics}`` of every current and recently ended run (see
+        :meth:`RunState.metrics`); what the dashboard page and Prometheus read."""
+        out = {run: st.metrics() for run, st in self.finished.items()}
+        out.update({run: st.metrics() for run, st in self.runs.items()})
+        return out
 
     def _abort(self, st: RunState, reason: str, log: bool = True) -> None:
         if st.aborted is None:

@@ -60,6 +60,7 @@ class Contribution(NamedTuple):
     leaves: Sequence[np.ndarray]  # params or delta, flat (see Policy.sends)
     samples: int  # samples trained on in this round
     version: int  # version of the global params the worker started the round from
+    loss: float | None = None  # mean training loss of the round
 
 
 class SyncInfo(NamedTuple):
