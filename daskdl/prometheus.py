@@ -1,0 +1,156 @@
+"""``daskdl_*`` metrics on the scheduler's Prometheus endpoint (``/metrics``).
+
+One collector per process, registered once in ``prometheus_client.REGISTRY``
+(the registry Dask's ``/metrics`` serves) by :class:`daskdl.dashboard.DashboardPlugin`.
+It reads the training plugin's ``metrics()`` of the scheduler(s) it was given;
+where several schedulers run in one process (tests), it reports the scheduler
+whose ``/metrics`` is being served.
+
+Metrics of a run carry the labels ``run`` and ``policy``; per-worker metrics
+also ``rank`` and ``worker`` (its address):
+
+==========================================  =======  ==========================================
+name                                        type     meaning
+==========================================  =======  ==========================================
+``daskdl_run_active``                       gauge    1 while the run trains, 0 once it ended
+``daskdl_run_workers``                      gauge    workers in the run
+``daskdl_run_version``                      gauge    merges done (version of the global params)
+``daskdl_run_samples_total``                counter  samples trained on, all workers
+``daskdl_run_samples_per_second``           gauge    samples/s since the run started
+``daskdl_run_loss``                         gauge    sample-weighted loss of the last merge
+``daskdl_run_rejected_updates_total``       counter  updates refused (wrong shape/dtype)
+``daskdl_run_merge_seconds_total``          counter  time the scheduler spent merging
+``daskdl_worker_clock``                     gauge    rounds the worker finished
+``daskdl_worker_staleness``                 gauge    rounds behind the fastest worker
+``daskdl_worker_rounds_total``              counter  rounds synchronised
+``daskdl_worker_samples_total``             counter  samples the worker trained on
+``daskdl_worker_compute_seconds_total``     counter  time computing rounds
+``daskdl_worker_wait_seconds_total``        counter  time waiting in barriers
+``daskdl_worker_sent_bytes_total``          counter  bytes sent to the scheduler
+``daskdl_worker_received_bytes_total``      counter  bytes received from the scheduler
+``daskdl_worker_loss``                      gauge    the worker's loss in its last round
+``daskdl_worker_divergence``                gauge    ``||theta_i - theta_global||`` at its
+                                                     last sync
+==========================================  =======  ==========================================
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+NAMESPACE = "daskdl"
+
+# (name, type, help, key in metrics()); type "counter" gets ``_total`` from prometheus_client
+RUN_METRICS = [
+    ("run_active", "gauge", "1 while the run trains, 0 once it ended or aborted", "active"),
+    ("run_workers", "gauge", "Workers in the run", "workers"),
+    ("run_version", "gauge", "Merges done: version of the global parameters", "version"),
+    ("run_samples", "counter", "Samples trained on by all workers", "samples"),
+    ("run_samples_per_second", "gauge", "Samples per second since the run started",
+     "samples_per_s"),
+    ("run_loss", "gauge", "Sample-weighted training loss of the last merge", "loss"),
+    ("run_rejected_updates", "counter", "Worker updates refused (wrong shape or dtype)",
+     "rejected"),
+    ("run_merge_seconds", "counter", "Seconds the scheduler spent merging", "merge_seconds"),
+]
+WORKER_METRICS = [
+    ("worker_clock", "gauge", "Rounds the worker finished", "clock"),
+    ("worker_staleness", "gauge", "Rounds the worker is behind the fastest one", "staleness"),
+    ("worker_rounds", "counter", "Rounds the worker synchronised", "rounds"),
+    ("worker_samples", "counter", "Samples the worker trained on", "samples"),
+    ("worker_compute_seconds", "counter", "Seconds the worker spent computing rounds",
+     "compute_s"),
+    ("worker_wait_seconds", "counter", "Seconds the worker waited in barriers", "wait_s"),
+    ("worker_sent_bytes", "counter", "Bytes of parameters sent to the scheduler", "bytes_in"),
+    ("worker_received_bytes", "counter", "Bytes of parameters received from the scheduler",
+     "bytes_out"),
+    ("worker_loss", "gauge", "Training loss of the worker's last round", "loss"),
+    ("worker_divergence", "gauge",
+     "Norm of the difference between the worker's and the global parameters at its last sync",
+     "divergence"),
+]
+
+
+class DaskDLCollector:
+    """A ``prometheus_client`` collector of the ``daskdl_*`` metrics.
+
+    It knows the schedulers it was given (weakly) and reports the one whose
+    ``/metrics`` page is being served, else every running one.
+    """
+
+    def __init__(self):
+        self.schedulers: weakref.WeakSet = weakref.WeakSet()
+
+    def _targets(self) -> list:
+        live = [s for s in list(self.schedulers)
+                if str(getattr(s, "status", "running")).split(".")[-1] not in ("closed",
+                                                                               "closing")]
+        # the scheduler Dask's own collectors read for this request (set by its handler)
+        from distributed.http.scheduler.prometheus.core import PrometheusHandler
+
+        serving = [getattr(c, "server", None) for c in PrometheusHandler._collectors or ()]
+        if serving and serving[0] in live:
+            return [serving[0]]
+        return live
+
+    def collect(self):
+        """Yield one metric family per ``daskdl_*`` metric (called per scrape)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+        runs = [kinds[t](f"{NAMESPACE}_{n}", h, labels=["run", "policy"])
+                for n, t, h, _ in RUN_METRICS]
+        workers = [kinds[t](f"{NAMESPACE}_{n}", h, labels=["run", "policy", "rank", "worker"])
+                   for n, t, h, _ in WORKER_METRICS]
+        for scheduler in self._targets():
+            plugin = getattr(scheduler, "extensions", {}).get("daskdl")
+            if plugin is None:
+                continue
+            for run, m in plugin.metrics().items():
+                labels = [str(run), str(m["policy"])]
+                for fam, (_, _, _, key) in zip(runs, RUN_METRICS):
+                    if m.get(key) is not None:
+                        fam.add_metric(labels, float(m[key]))
+                for rank, s in sorted(m["ranks"].items()):
+                    wl = labels + [str(rank), str(s.get("address", ""))]
+                    for fam, (_, _, _, key) in zip(workers, WORKER_METRICS):
+                        if s.get(key) is not None:
+                            fam.add_metric(wl, float(s[key]))
+        yield from runs
+        yield from workers
+
+    def describe(self):
+        """No metrics up front: registering needs no scheduler."""
+        return []
+
+
+_lock = threading.Lock()
+_collector: DaskDLCollector | None = None
+
+
+def register_collector(scheduler, registry=None) -> bool:
+    """Report ``scheduler``'s daskdl metrics on ``/metrics``; idempotent.
+
+    The process-wide collector is registered in ``registry`` (default
+    ``prometheus_client.REGISTRY``, the one Dask serves) on the first call only.
+    Returns ``False`` where ``prometheus_client`` is not installed
+    (``pip install prometheus-client`` adds the metrics).
+    """
+    global _collector
+    try:
+        import prometheus_client
+    except ImportError:
+        return False
+    with _lock:
+        if _collector is None:
+            _collector = DaskDLCollector()
+            (registry or prometheus_client.REGISTRY).register(_collector)
+        _collector.schedulers.add(scheduler)
+    return True
+
+
+def unregister_scheduler(scheduler) -> None:
+    """Stop reporting ``scheduler`` (the collector stays registered)."""
+    if _collector is not None and scheduler is not None:
+        _collector.schedulers.discard(scheduler)
