@@ -186,6 +186,7 @@ class Trainer:
         """
         c = self.client
         c.register_plugin(TrainingPlugin(), name=TrainingPlugin.name)
+        c.register_plugin(__import__("daskdl.dashboard").dashboard.DashboardPlugin())
         c.register_plugin(WorkerEnvironment(core_slots(_worker_info(c))))
         c.register_plugin(Replica(self.run, self.loss_fn, self.optimizer, self._treedef,
                                   self.seed), name=replica_name(self.run))
