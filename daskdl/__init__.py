@@ -2,6 +2,7 @@
 
 from . import config as _config  # noqa: F401  (loads the daskdl defaults)
 from .codecs import ChunkAuthenticationError
+from .dashboard import DashboardPlugin
 from .data import Dataset
 from .errors import DaskDLError, DatasetError, SyncAborted, TrainingDiverged
 from .plan import EpochPlan, make_plan
@@ -46,6 +47,7 @@ __all__ = [
     "outer_step",
     "Contribution",
     "DaskDLError",
+    "DashboardPlugin",
     "Dataset",
     "DatasetError",
     "EpochPlan",
