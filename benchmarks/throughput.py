@@ -1,6 +1,7 @@
 """Throughput of daskdl against a plain single-process JAX loop.
 
     python benchmarks/throughput.py [--epochs 4] [--samples-per-worker 16384]
+    python benchmarks/throughput.py --dashboard [--repeats 3] [--epochs 4]
 
 One MLP (784-512-512-10, batch 128, SGD with momentum) on synthetic
 teacher-labelled data, measured in one invocation:
@@ -13,6 +14,14 @@ teacher-labelled data, measured in one invocation:
 Samples/s are medians over the steady epochs (the first epoch, with worker
 start-up and compilation, is reported apart).  Prints the ratios
 ``daskdl-1 / plain`` (target >= 0.97) and ``daskdl-2 / daskdl-1`` (target >= 1.8).
+
+``--dashboard`` measures instead what the ``/daskdl`` dashboard page costs: one
+2-worker cluster and trainer, fits of ``--epochs`` epochs alternating between the
+page open in headless Chromium (``/usr/bin/chromium`` and ``/usr/bin/chromedriver``,
+Debian's ``chromium`` and ``chromium-driver``) and closed (the browser on
+``about:blank``), ``--repeats`` times each.  Prints the median samples/s of each
+(over the epochs of every fit, the first fit's first epoch left out: compilation)
+and the ratio open / closed (target >= 0.98).
 """
 
 from __future__ import annotations
@@ -112,12 +121,74 @@ def with_daskdl(x, y, workers: int, epochs: int) -> tuple[list[float], float]:
     return [h["samples"] / h["seconds"] for h in hist], startup
 
 
+def _browser():
+    """Headless Debian Chromium under selenium (``pip install selenium``)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+        if not os.path.exists(path):
+            sys.exit(f"--dashboard needs {path}: apt-get install chromium chromium-driver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1400"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def dashboard_overhead(x, y, epochs: int, repeats: int) -> dict:
+    """Samples/s per epoch with the ``/daskdl`` page open vs closed, fits alternating."""
+    driver = _browser()
+    rates: dict = {"closed": [], "open": []}
+    try:
+        with cluster_config():
+            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0")
+        with cluster, Client(cluster) as client:
+            page = client.dashboard_link.rsplit("/", 1)[0] + "/daskdl"
+            ds = ddl.Dataset.from_arrays(x=x, y=y, chunk_size=EVERY * BATCH)
+            with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optimizer(),
+                             policy=ddl.BSP(every=EVERY), batch_size=BATCH,
+                             client=client) as tr:
+                tr.fit(ds, epochs=1, verbose=False)  # compilation, not measured
+                for i in range(2 * repeats):
+                    state = ("closed", "open")[i % 2]
+                    if state == "open":
+                        driver.get(page)
+                        while not driver.execute_script(
+                                "return !!(window.Bokeh && Bokeh.documents.length)"):
+                            time.sleep(0.2)
+                    else:
+                        driver.get("about:blank")
+                    time.sleep(2.0)  # the page's server session starts or ends
+                    hist = tr.fit(ds, epochs=epochs, verbose=False)
+                    got = [h["samples"] / h["seconds"] for h in hist]
+                    rates[state].extend(got)
+                    print(f"  fit {i + 1}, page {state:6s}: samples/s per epoch "
+                          f"{[round(r) for r in got]}", flush=True)
+    finally:
+        driver.quit()
+    return rates
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--samples-per-worker", type=int, default=16 * EVERY * BATCH)
+    p.add_argument("--dashboard", action="store_true",
+                   help="throughput with the /daskdl page open vs closed (2 workers)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="with --dashboard: fits with the page open (and as many closed)")
     a = p.parse_args()
     x2, y2 = make_data(2 * a.samples_per_worker)
+    if a.dashboard:
+        rates = dashboard_overhead(x2, y2, a.epochs, a.repeats)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        for k in ("closed", "open"):
+            print(f"page {k:6s}: median samples/s {med[k]:8.0f}  ({len(rates[k])} epochs)")
+        print(f"ratio open / closed = {med['open'] / med['closed']:.3f}  (target >= 0.98)")
+        return
     x1, y1 = x2[:a.samples_per_worker], y2[:a.samples_per_worker]
 
     rates_plain = plain(x1, y1, a.epochs)

@@ -39,7 +39,7 @@ PLUGIN_NAME = "daskdl-dashboard"
 PAGE = "/daskdl"
 TRAINING_PLUGIN = "daskdl"  # scheduler.extensions key of the TrainingPlugin
 
-_ROLLOVER = 20_000  # points kept per line on the page
+_ROLLOVER = 5_000  # points kept per line on the page (older ones scroll out)
 _RATE_WINDOW = 2.0  # seconds of arrivals averaged for samples/s
 
 
@@ -212,7 +212,6 @@ class _RankLines:
             else:
                 self.fig.line(self.x, self.y, source=src, color=color, line_width=1.5,
                               legend_label=f"worker {rank}")
-                self.fig.scatter(self.x, self.y, source=src, color=color, size=3)
         return src
 
     def stream(self, new: dict) -> None:
@@ -381,6 +380,7 @@ class TrainingPage:
         self._last_event = None
         self._t0 = getattr(state, "started", 0.0)
         self._clocks: dict = {}
+        self._stale: dict = {}  # rank -> staleness last plotted
         self._arrivals: list = []  # (time, samples) in the last _RATE_WINDOW seconds
         self._workers_data = None
         for src in (self.global_loss_round, self.global_loss_time, self.rate_source):
@@ -465,16 +465,14 @@ class TrainingPage:
                     add(loss_time, rank, "t", t, "loss", ev["loss"])
                 self._clocks[rank] = ev["clock"] + 1
                 top = max(self._clocks.values())
-                for r, c in self._clocks.items():
-                    add(staleness, r, "t", t, "staleness", top - c)
+                for r, c in self._clocks.items():  # a step plot: points where it changes
+                    if self._stale.get(r) != top - c:
+                        self._stale[r] = top - c
+                        add(staleness, r, "t", t, "staleness", top - c)
                 arrivals = self._arrivals
                 arrivals.append((t, ev.get("samples", 0)))
                 while len(arrivals) > 2 and arrivals[0][0] < t - _RATE_WINDOW:
                     arrivals.pop(0)
-                if len(arrivals) >= 2 and t > arrivals[0][0]:
-                    rate["t"].append(t)
-                    rate["rate"].append(sum(n for _, n in arrivals[1:])
-                                        / (t - arrivals[0][0]))
             elif kind == "merge":
                 if ev.get("loss") is not None:
                     g_round["clock"].append(ev["clock"])
@@ -483,6 +481,17 @@ class TrainingPage:
                     g_time["loss"].append(ev["loss"])
                 for rank, d in (ev.get("divergence") or {}).items():
                     add(divergence, rank, "clock", ev["clock"], "divergence", d)
+        if events:
+            t = events[-1].get("time", t0) - t0
+            for r, v in self._stale.items():  # the step plot reaches the last event
+                cols = staleness.get(r)
+                if not cols or cols["t"][-1] < t:
+                    add(staleness, r, "t", t, "staleness", v)
+            arrivals = self._arrivals  # one samples/s point per update
+            if len(arrivals) >= 2 and arrivals[-1][0] > arrivals[0][0]:
+                rate["t"].append(arrivals[-1][0])
+                rate["rate"].append(sum(n for _, n in arrivals[1:])
+                                    / (arrivals[-1][0] - arrivals[0][0]))
         self.rank_loss_round.stream(loss_round)
         self.rank_loss_time.stream(loss_time)
         self.rank_staleness.stream(staleness)

@@ -106,7 +106,8 @@ def test_page_follows_runs_as_they_come_end_and_go():
     page.update()
     assert page.select.value == "a"
     assert points(page, "loss-round-rank-0") == 3 and points(page, "global-loss-round") == 3
-    assert points(page, "divergence-rank-1") == 3 and points(page, "staleness-rank-0") == 6
+    assert points(page, "divergence-rank-1") == 3 and points(page, "staleness-rank-0") > 0
+    assert points(page, "samples-per-s") == 1  # one point per update
     page.update()  # nothing new: nothing added
     assert points(page, "loss-round-rank-0") == 3
     a.round(3)
@@ -262,8 +263,14 @@ def chrome():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
+def _metrics_of(run, dask_scheduler=None):
+    plugin = get_plugin(dask_scheduler)
+    return plugin and plugin.metrics().get(run)
+
+
 def test_page_in_a_real_browser_during_training(client2, digits, tmp_path):
     import dask
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = chrome()
@@ -279,7 +286,7 @@ def test_page_in_a_real_browser_during_training(client2, digits, tmp_path):
     def fit():
         try:
             tr.fit(ds, epochs=30, verbose=False)
-        except Exception as e:  # reported by the test below
+        except Exception as e:  # noqa: BLE001  (reported by the test below)
             errors.append(e)
         finally:
             done.set()
@@ -292,13 +299,20 @@ def test_page_in_a_real_browser_during_training(client2, digits, tmp_path):
                  "global-loss-round", "staleness-rank-1", "divergence-rank-0",
                  "samples-per-s", "workers")
 
+        last = {}
+
         def has_data(d):
-            state = d.execute_script(DOC_STATE)
+            state = last["state"] = d.execute_script(DOC_STATE)
             if state and all(state["sources"].get(p, 0) > 0 for p in plots):
                 return state
             return False
 
-        state = WebDriverWait(driver, 240, poll_frequency=0.5).until(has_data)
+        try:
+            state = WebDriverWait(driver, 240, poll_frequency=0.5).until(has_data)
+        except TimeoutException:
+            pytest.fail(f"the page's plots got no data in 240 s; the page: {last}, "
+                        f"training done: {done.is_set()}, errors: {errors}, "
+                        f"plugin: {client2.run_on_scheduler(_metrics_of, tr.run)}")
         if not done.is_set():  # mid-training: let a few more rounds arrive for the picture
             done.wait(3)
         state = driver.execute_script(DOC_STATE)
