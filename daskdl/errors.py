@@ -43,3 +43,8 @@ class SyncAborted(DaskDLError, RuntimeError):
 
 class DatasetError(DaskDLError, ValueError):
     """A dataset is malformed: lengths, dtypes, chunks or names do not fit."""
+
+
+class RoundDiscarded(DaskDLError):
+    """A round was trained but not merged because the workers changed while it ran;
+    its samples are trained again under the new plan.  Internal: ``fit`` handles it."""

@@ -37,6 +37,7 @@ class Segment:
     chunk: int
     start: int
     stop: int
+    epoch: int = field(default=-1, compare=False)  # whose permutation of the chunk
 
     def __len__(self):
         return self.stop - self.start
@@ -86,8 +87,19 @@ class EpochPlan:
             if a >= hi:
                 break
             out.append(Segment(seg.chunk, seg.start + max(lo - a, 0),
-                               seg.start + min(hi, b) - a))
+                               seg.start + min(hi, b) - a, seg.epoch))
         return out
+
+    def remaining(self, rank: int, from_round: int) -> list[Segment]:
+        """Worker ``rank``'s segments from round ``from_round`` to the end of the epoch."""
+        out: list[Segment] = []
+        for r in range(max(from_round, 0), self.rounds):
+            out.extend(self.round_segments(rank, r))
+        return out
+
+    def to_json(self) -> list:
+        """The pieces as plain lists ``[chunk, start, stop, epoch]`` per rank."""
+        return [[[s.chunk, s.start, s.stop, s.epoch] for s in piece] for piece in self.pieces]
 
 
 def make_plan(chunk_sizes: Sequence[int], n_workers: int, batch_size: int,
@@ -142,7 +154,7 @@ def make_plan(chunk_sizes: Sequence[int], n_workers: int, batch_size: int,
         while start < size and rank < n_workers:
             take = min(room, size - start)
             if take:
-                pieces[rank].append(Segment(c, start, start + take))
+                pieces[rank].append(Segment(c, start, start + take, epoch))
             start += take
             room -= take
             if room == 0:
@@ -159,3 +171,45 @@ def chunk_permutation(seed: int, epoch: int, chunk: int, size: int) -> np.ndarra
 def round_permutation(seed: int, epoch: int, rank: int, r: int, size: int) -> np.ndarray:
     """The shuffle of one round's samples on worker ``rank``."""
     return np.random.default_rng([seed, epoch, rank, r, 0xB47C]).permutation(size)
+
+
+def plan_from_segments(segments: Sequence[Segment], n_workers: int, batch_size: int,
+                       every: int, seed: int, epoch: int,
+                       chunk_sizes: Sequence[int] = ()) -> EpochPlan:
+    """A plan over given segments (what is left of an epoch when the workers change).
+
+    The segments, in order, are cut into ``n_workers`` pieces of equal length, a
+    multiple of ``batch_size`` steps; fewer than ``n_workers * batch_size`` samples
+    may be left out, as in :func:`make_plan`.  Each segment keeps its epoch (the
+    permutation it is drawn from).
+    """
+    if n_workers < 1:
+        raise ValueError("a plan needs at least one worker")
+    total = sum(len(s) for s in segments)
+    share = total // n_workers
+    steps = share // batch_size
+    share = steps * batch_size
+    pieces: list[list[Segment]] = [[] for _ in range(n_workers)]
+    rank, room = 0, share
+    for seg in segments if share else ():
+        start = seg.start
+        while start < seg.stop and rank < n_workers:
+            take = min(room, seg.stop - start)
+            if take:
+                pieces[rank].append(Segment(seg.chunk, start, start + take, seg.epoch))
+            start += take
+            room -= take
+            if room == 0:
+                rank, room = rank + 1, share
+    return EpochPlan(epoch=epoch, seed=seed, batch_size=batch_size, every=every,
+                     chunk_sizes=tuple(chunk_sizes), pieces=pieces, steps=steps)
+
+
+def plan_from_json(pieces: list, batch_size: int, every: int, seed: int, epoch: int,
+                   chunk_sizes: Sequence[int] = ()) -> EpochPlan:
+    """The inverse of :meth:`EpochPlan.to_json` (a plan read back from a checkpoint)."""
+    segs = [[Segment(int(c), int(a), int(b), int(e)) for c, a, b, e in piece]
+            for piece in pieces]
+    share = sum(len(s) for s in segs[0]) if segs else 0
+    return EpochPlan(epoch=epoch, seed=seed, batch_size=batch_size, every=every,
+                     chunk_sizes=tuple(chunk_sizes), pieces=segs, steps=share // batch_size)

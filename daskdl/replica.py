@@ -28,7 +28,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import to_serialize
 from distributed.utils import sync
 
-from .errors import SyncAborted, TrainingDiverged
+from .errors import RoundDiscarded, SyncAborted, TrainingDiverged
 from .plan import Segment, chunk_permutation, round_permutation
 from .step import init_state, make_train_steps
 from .tree import flatten, unflatten
@@ -56,7 +56,8 @@ class Replica(WorkerPlugin):
         self.worker = None
         self.train_steps = None
         self.state = None
-        self.fit = None
+        self.fit = None  # (fit, generation) of the rounds being run
+        self.busy = 0  # rounds between their turn and their end
         self.version = -1
         self.compiles = 0
         self.expected = 0  # the clock of the next round this worker must run
@@ -98,8 +99,13 @@ class Replica(WorkerPlugin):
         order.  If a later round is ready first (its data arrived sooner), it
         leaves the worker's thread pool (``secede``) until the earlier ones ran.
         """
-        if self.fit != spec["fit"]:
-            self.fit, self.expected, self.need_pull = spec["fit"], spec["first_clock"], True
+        key = (spec["fit"], spec.get("gen", 0))
+        if self.fit != key:
+            if self.fit is not None and key < self.fit:
+                raise RoundDiscarded(f"round of an earlier generation {key} on "
+                                     f"{self.worker.address}")
+            self._wait_idle(spec)  # rounds of the last generation may still be finishing
+            self.fit, self.expected, self.need_pull = key, spec["first_clock"], True
             self.failed = False
         clock = spec["clock"]
         if clock == self.expected:
@@ -111,11 +117,27 @@ class Replica(WorkerPlugin):
         try:
             with self.turn:
                 while self.expected != clock:
+                    if self.fit != key:
+                        raise RoundDiscarded(f"round {spec['round']} of epoch {spec['epoch']} "
+                                             f"on {self.worker.address}: the workers changed")
                     if self.failed or self.closed or time.monotonic() > deadline:
                         raise SyncAborted(
                             f"round {spec['round']} of epoch {spec['epoch']} on "
                             f"{self.worker.address} gave up waiting for the rounds before it")
                     self.turn.wait(0.25)
+        finally:
+            rejoin()
+
+    def _wait_idle(self, spec: dict) -> None:
+        """Wait (seceded) until no round of an earlier generation is running here."""
+        if not self.busy:
+            return
+        secede()
+        deadline = time.monotonic() + spec["timeout"]
+        try:
+            with self.turn:
+                while self.busy and time.monotonic() < deadline and not self.closed:
+                    self.turn.wait(0.1)
         finally:
             rejoin()
 
@@ -132,15 +154,19 @@ class Replica(WorkerPlugin):
         rpc = getattr(self.worker.scheduler, op)
         return sync(self.worker.loop, rpc, **kwargs)
 
-    def _pull(self) -> None:
-        reply = self._call("daskdl_params", run=self.run)
+    def _pull(self, rank: int) -> None:
+        reply = self._call("daskdl_params", run=self.run, rank=rank)
         if reply.get("status") != "OK":
             raise SyncAborted(f"cannot fetch the global parameters: {reply.get('reason')}")
         self._set_params(reply["params"], reply["version"])
+        if "opt_state" in reply:  # resuming from a checkpoint: this rank's optimizer state
+            _, opt_def = flatten(self.state.opt_state)
+            self.state = self.state._replace(
+                opt_state=unflatten(opt_def, [jnp.array(x) for x in reply["opt_state"]]))
 
-    def _set_params(self, leaves, version: int) -> None:
+    def _set_params(self, leaves, version: int, fresh: bool = False) -> None:
         params = unflatten(self.treedef, [jnp.array(leaf) for leaf in leaves])
-        if self.state is None:
+        if self.state is None or fresh:
             self.state = init_state(params, self.optimizer)
         else:
             self.state = self.state._replace(params=params)
@@ -196,9 +222,11 @@ class Replica(WorkerPlugin):
         first = by_chunk[spec["chunks"][0]]
         out = [np.empty((total,) + np.shape(a)[1:], dtype=np.asarray(a).dtype) for a in first]
         pos = 0
-        for chunk, start, stop in spec["segments"]:
+        for seg in spec["segments"]:  # (chunk, start, stop[, epoch of the permutation])
+            chunk, start, stop = seg[:3]
             data = by_chunk[chunk]
-            rows = chunk_permutation(self.seed, spec["epoch"], chunk, len(data[0]))[start:stop]
+            perm_epoch = seg[3] if len(seg) > 3 and seg[3] >= 0 else spec["epoch"]
+            rows = chunk_permutation(self.seed, perm_epoch, chunk, len(data[0]))[start:stop]
             where = dest[pos:pos + len(rows)]
             for o, a in zip(out, data):
                 o[where] = np.asarray(a)[rows]
@@ -209,11 +237,17 @@ class Replica(WorkerPlugin):
 
     def run_round(self, spec: dict, blocks: tuple) -> dict:
         self._wait_turn(spec)
+        with self.turn:
+            self.busy += 1
         try:
             out = self._run_round(spec, blocks)
         except BaseException:
             self._done(spec["clock"], ok=False)
             raise
+        finally:
+            with self.turn:
+                self.busy -= 1
+                self.turn.notify_all()
         self._done(spec["clock"], ok=True)
         return out
 
@@ -223,7 +257,7 @@ class Replica(WorkerPlugin):
         if self.train_steps is None:
             self.train_steps = make_train_steps(self.loss_fn, self.optimizer)
         if self.state is None or self.need_pull:
-            self._pull()
+            self._pull(spec["rank"])
             self.need_pull = False
         if "zarr" in spec:
             blocks = self._read_chunks(spec)
@@ -236,22 +270,26 @@ class Replica(WorkerPlugin):
         losses = np.asarray(losses)  # waits for the computation
         self.compiles += self.train_steps._cache_size() - cache_before  # for tests
         t_compute = time.perf_counter()
-        leaves, _ = flatten(state.params)
-        where = (self.worker.address, spec["epoch"], spec["round"])
-        if not np.isfinite(losses).all() or not all(
-                np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.inexact)):
-            err = TrainingDiverged(*where, detail="the loss or the parameters became NaN/Inf")
-            self._call("daskdl_abort", run=self.run, reason=str(err))
-            self.state = None  # the next fit starts again from the global params
-            raise err
         compiled = self.train_steps._cache_size() > cache_before
         if spec.get("slowdown", 1.0) > 1.0 and not compiled:
             # a simulated straggler (benchmarks, tests); compilation is not slowed down
             time.sleep((spec["slowdown"] - 1.0) * (t_compute - t_data))
             t_compute = time.perf_counter()
+        # Non-finite updates are sent all the same: the scheduler plugin rejects them
+        # before they touch the global parameters and answers with those to start again
+        # from (and fails the run if one worker keeps sending them).
         if spec.get("sends", "params") == "delta":
             leaves = [np.asarray(x) for x in _deltas(state.params, self.state.params)]
-        self.state = state
+        else:
+            leaves, _ = flatten(state.params)
+            leaves = [np.asarray(x) for x in leaves]
+        if spec.get("send_nan"):  # fault injection for tests
+            leaves = [np.full_like(x, np.nan) if np.issubdtype(x.dtype, np.inexact) else x
+                      for x in leaves]
+        opt_state = None
+        if spec.get("checkpoint"):  # this rank's part of the checkpoint after this round
+            opt_state = to_serialize([np.asarray(x) for x in flatten(state.opt_state)[0]])
+        before, self.state = self.state, state
         samples = int(np.prod(losses.shape)) * spec["batch_size"]
         # Waiting in the barrier frees this worker's thread (secede), so that tasks other
         # workers need from this one (a chunk computed here) can run meanwhile: a
@@ -261,14 +299,27 @@ class Replica(WorkerPlugin):
             reply = self._call("daskdl_sync", run=self.run, rank=spec["rank"],
                                clock=spec["clock"], params=to_serialize(leaves),
                                samples=samples, version=self.version,
-                               loss=float(losses.mean()), compute=t_compute - t_data)
+                               loss=float(losses.mean()), compute=t_compute - t_data,
+                               gen=spec.get("gen", 0), opt_state=opt_state)
         finally:
             rejoin()
-        if reply.get("status") != "OK":
+        status = reply.get("status")
+        where = (self.worker.address, spec["epoch"], spec["round"])
+        if status == "replan":  # the generation changed: this round is not counted
+            if self.fit == (spec["fit"], spec.get("gen", 0)):
+                self.state = before
+            raise RoundDiscarded(f"round {spec['round']} of epoch {spec['epoch']} on "
+                                 f"{self.worker.address} was discarded: the workers changed")
+        if status == "aborted":
             self.state = None
+            if reply.get("diverged"):
+                raise TrainingDiverged(*where, detail=reply.get("reason", ""))
             raise SyncAborted(f"round {spec['round']} of epoch {spec['epoch']} on worker "
                               f"{self.worker.address} stopped: {reply.get('reason')}")
-        if reply.get("same"):
+        rejected = status == "rejected"
+        if rejected:  # start again from the global parameters, with a fresh optimizer
+            self._set_params(reply["params"], reply["version"], fresh=True)
+        elif reply.get("same"):
             self.version = reply["version"]
         else:
             self._set_params(reply["params"], reply["version"])
@@ -282,6 +333,7 @@ class Replica(WorkerPlugin):
             "sync_s": t_end - t_compute, "wait_s": float(reply.get("waited", 0.0)),
             "version": reply["version"], "compiles": self.compiles,
             "started": started, "finished": time.time(),
+            "rejected": reply.get("reason") if rejected else None,
         }
 
 

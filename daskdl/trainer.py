@@ -17,16 +17,16 @@ import jax
 import numpy as np
 import optax
 from dask.base import tokenize
-from distributed import Client, Future, as_completed, default_client, wait
-from distributed.protocol.serialize import to_serialize
+from distributed import Client, Future, default_client
+from distributed.client import _wait as _wait_futures
 
 from . import config
 from .data import Dataset
 from .errors import DaskDLError, SyncAborted
-from .plan import EpochPlan, make_plan
+from .plan import make_plan
 from .plugin import TrainingPlugin, _load
 from .policies import Policy, from_config
-from .replica import Replica, evaluate_chunk, predict_chunk, replica_name, run_round
+from .replica import Replica, evaluate_chunk, predict_chunk, replica_name
 from .step import check_metrics_output, split_loss_output
 from .tree import check_params, flatten, unflatten
 from .workerenv import WorkerEnvironment, cluster_config, core_slots
@@ -80,7 +80,17 @@ class Trainer:
     seed : the shard plan, shuffles and chunk placement depend only on it (same
         seed and same number of workers give bit-identical parameters).
     rounds_ahead, sync_timeout : ``None`` reads ``daskdl.rounds-ahead`` and
-        ``daskdl.sync-timeout`` from config.
+        ``daskdl.sync-timeout`` from config.  A worker that sends nothing for
+        ``sync_timeout`` while others wait for it counts as lost.
+    min_workers : below this many workers, ``fit`` pauses (with a message) until
+        workers come back, and fails after ``daskdl.min-workers-wait``.
+    checkpoint : a directory (or Zarr store) for checkpoints: global parameters,
+        policy state, every worker's optimizer state and the data position, as
+        versioned Zarr groups written atomically by the scheduler in the background
+        (see :mod:`daskdl.checkpoint`); ``fit(..., resume=True)`` continues from
+        the newest readable one.
+    checkpoint_every : rounds between checkpoints; ``None``: at the end of every epoch
+        (there is always one at the end of an epoch).
 
     Examples
     --------
@@ -93,7 +103,8 @@ class Trainer:
     def __init__(self, loss_fn: Callable, params, optimizer: optax.GradientTransformation,
                  policy: Policy | None = None, batch_size: int = 64,
                  client: Client | None = None, seed: int = 0,
-                 rounds_ahead: int | None = None, sync_timeout=None):
+                 rounds_ahead: int | None = None, sync_timeout=None, min_workers: int = 1,
+                 checkpoint=None, checkpoint_every: int | None = None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {loss_fn!r}")
         check_params(params)
@@ -104,6 +115,17 @@ class Trainer:
             )
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(min_workers, (int, np.integer)) or min_workers < 1:
+            raise ValueError(f"min_workers must be a positive integer, got {min_workers!r}")
+        if checkpoint_every is not None and (
+                not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1):
+            raise ValueError("checkpoint_every must be a positive number of rounds or None, "
+                             f"got {checkpoint_every!r}")
+        from .checkpoint import checkpoint_spec
+
+        self.checkpoint = checkpoint_spec(checkpoint)
+        self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
+        self.min_workers = int(min_workers)
         policy = from_config(policy)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -115,11 +137,15 @@ class Trainer:
         # simulated stragglers for benchmarks and tests: {rank: factor}
         self._slowdown = {int(k): float(v)
                           for k, v in (config.get("testing.slowdown") or {}).items()}
+        self._send_nan = {int(k): (v if v == "all" else {int(c) for c in v})
+                          for k, v in (config.get("testing.send-nan") or {}).items()}
         self._leaves, self._treedef = flatten(params)
         self._leaves = [np.array(x, copy=True) for x in self._leaves]
         self.run = uuid.uuid4().hex[:10]
         self.history: list[dict] = []
         self.rounds: list[dict] = []  # per-round metrics of every worker
+        self.coverage: dict = {}  # epoch -> Counter(chunk -> samples trained)
+        self.rejected_rounds: list[dict] = []  # rounds whose update the scheduler rejected
         self._epoch = 0
         self._clock = 0
         self._fits = 0
@@ -239,34 +265,49 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, dataset: Dataset, epochs: int = 1, verbose: bool = True,
-            callbacks: Sequence[Callable[[dict], Any]] = ()) -> list[dict]:
+            callbacks: Sequence[Callable[[dict], Any]] = (), resume: bool = False) -> list[dict]:
         """Train for ``epochs`` passes over ``dataset``.
 
         Parameters
         ----------
         dataset : the training data.
-        epochs : passes over it.
+        epochs : passes over it.  With ``resume=True`` they count from the start of
+            the interrupted ``fit`` call, so the same call both starts a run and
+            finishes it after a crash (e.g. in a batch job that is resubmitted).
         verbose : show a progress bar (``tqdm.auto``: a widget in Jupyter, text in a
             terminal) counting rounds, with epoch, round, loss and samples/s (updated
             per epoch, or as rounds finish when there are callbacks).
         callbacks : functions called on the client with each round's metrics (a dict:
             ``rank, epoch, round, clock, worker, loss, samples, metrics, data_s,
             compute_s, sync_s, wait_s, version``), in batches as rounds finish.
+        resume : continue from the newest readable checkpoint of
+            ``Trainer(checkpoint=...)`` (parameters, policy and optimizer states, data
+            position).  Without a checkpoint there it starts from the beginning.
+            Under BSP with the same seed, data and number of workers, the result is
+            bit-identical to a run that was never interrupted.
+
+        Workers may leave and join during ``fit``: a worker that leaves is dropped
+        from every barrier at once and what it had left of the epoch is trained by
+        the others; a worker that joins gets the global parameters and a share of
+        the data from the next round.  Below ``min_workers`` training pauses.
 
         Every epoch each sample is used at most once, and all but fewer than
-        ``n_workers * batch_size`` samples are used (see :mod:`daskdl.plan`).
+        ``n_workers * batch_size`` samples are used (see :mod:`daskdl.plan`);
+        ``trainer.coverage[epoch]`` counts the samples trained per chunk.
 
         Returns
         -------
         list of dict, one per epoch: ``epoch``, ``loss`` (sample-weighted mean of the
-        training loss), ``samples``, ``seconds``, ``rounds``.  Also appended to
-        ``trainer.history``.
+        training loss), ``samples``, ``seconds``, ``rounds``, ``regroups``.  Also
+        appended to ``trainer.history``.
 
         Raises
         ------
-        TrainingDiverged : a worker's loss became NaN/Inf; ``trainer.params`` keeps
-            the last finite global parameters.
+        TrainingDiverged : one worker's updates were NaN/Inf ``daskdl.max-rejections``
+            times in a row; ``trainer.params`` keeps the last finite global parameters.
         """
+        from .fitloop import FitLoop
+
         if not isinstance(dataset, Dataset):
             raise TypeError(f"fit needs a daskdl.Dataset (Dataset.from_arrays(x=X, y=y)), "
                             f"got {type(dataset).__name__}")
@@ -275,111 +316,27 @@ class Trainer:
         callbacks = [callbacks] if callable(callbacks) else list(callbacks)
         if not all(callable(cb) for cb in callbacks):
             raise TypeError("callbacks must be functions taking a round's metrics dict")
-        workers, _ = self._workers()
-        n_workers = len(workers)
+        ckpt = self._load_checkpoint(dataset) if resume else None
+        if resume and ckpt is not None:
+            meta = ckpt["meta"]
+            if int(meta["fit_start"]) + epochs <= int(meta["epoch"]):
+                logger.info("daskdl: the checkpoint is already at epoch %s; nothing to do",
+                            meta["epoch"])
+                self._leaves = [np.array(x, copy=True) for x in ckpt["params"]]
+                self._epoch = int(meta["epoch"])
+                self.history[:] = [dict(h) for h in meta.get("history", [])]
+                return []
         # validate cheaply on the client before anything runs on the cluster
-        make_plan(dataset.chunks, n_workers, self.batch_size, self.policy.every,
-                  self.seed, self._epoch)
+        make_plan(dataset.chunks, max(1, self.min_workers), self.batch_size,
+                  self.policy.every, self.seed, self._epoch)
         self._check_loss(dataset)
-        placement = self._place(dataset, workers)
-        self._fits += 1
-        c = self.client
-        c.sync(c.scheduler.daskdl_start, run=self.run, params=to_serialize(self._leaves),
-               policy=to_serialize(self.policy),
-               members={str(r): a for r, a in enumerate(workers)}, timeout=self.sync_timeout)
-
-        plans: dict[int, EpochPlan] = {}
-        queue = {r: collections.deque() for r in range(n_workers)}
-        first_epoch = self._epoch
-        first_clock = self._clock
-        for e in range(first_epoch, first_epoch + epochs):
-            plans[e] = make_plan(dataset.chunks, n_workers, self.batch_size, self.policy.every,
-                                 self.seed, e, placement.owners)
-            for rnd in range(plans[e].rounds):
-                for rank in range(n_workers):
-                    queue[rank].append((e, rnd, self._clock + rnd))
-            self._clock += plans[e].rounds
-
-        inflight = collections.Counter()
-        pending: dict = {}
-        _pending_futures: dict = {}
-        ac = as_completed(loop=c.loop, raise_errors=False)
-
-        def top_up() -> None:
-            """Submit rounds so that every worker has ``rounds_ahead`` waiting or running.
-
-            Called when some worker is down to half of that: all workers are topped up
-            in one graph (one message to the scheduler), each round restricted to its
-            worker and prioritised by its clock.  Rounds do not depend on each other,
-            so the next one starts on the worker without a scheduler round trip.
-            """
-            new = []
-            for rank in range(n_workers):
-                while inflight[rank] < self.rounds_ahead and queue[rank]:
-                    e, rnd, clock = queue[rank].popleft()
-                    new.append((rank, e, rnd, clock, self._round_task(
-                        plans, e, rank, rnd, clock, dataset, placement, workers,
-                        first_clock)))
-                    inflight[rank] += 1
-            if not new:
-                return
-            futs = c.compute([d for *_, d in new], optimize_graph=False)
-            for (rank, e, *_), fut in zip(new, futs):
-                pending[fut.key] = (rank, e)
-                _pending_futures[fut.key] = fut
-                ac.add(fut)
-
-        done_rounds = collections.Counter()
-        epoch_rounds: dict = collections.defaultdict(list)
-        unreported: list = []  # finished rounds whose metrics are still on the workers
-        t_epoch = time.perf_counter()
-        t_fit = time.perf_counter()
-        results = []
-        total = sum(p.rounds for p in plans.values()) * n_workers
-        bar = _progress_bar(total, verbose)
-        seen = {"samples": 0}
-
-        def report() -> None:
-            """Fetch finished rounds' metrics in one call; progress bar and callbacks."""
-            if not unreported:
-                return
-            got = sorted(c.gather(unreported), key=lambda r: (r["clock"], r["rank"]))
-            unreported.clear()
-            for r in got:
-                epoch_rounds[r["epoch"]].append(r)
-                seen["samples"] += r["samples"]
-                for cb in callbacks:
-                    cb(r)
-            last = got[-1]
-            bar.set_postfix(epoch=last["epoch"], round=last["round"], loss=f"{last['loss']:.4f}",
-                            samples_s=f"{seen['samples'] / (time.perf_counter() - t_fit):.0f}",
-                            refresh=False)
-
-        top_up()
+        bar = _progress_bar(0, verbose)
+        loop = FitLoop(self, dataset, epochs, callbacks, bar, ckpt)
         try:
-            # round metrics stay on the workers and come back in one gather per epoch
-            # (per top-up when there are callbacks): the client does little per round
-            for fut in ac:
-                rank, e = pending.pop(fut.key)
-                _pending_futures.pop(fut.key)
-                if fut.status != "finished":
-                    raise fut.exception()
-                inflight[rank] -= 1
-                unreported.append(fut)
-                done_rounds[e] += 1
-                bar.update(1)
-                if inflight[rank] <= self.rounds_ahead // 2:
-                    top_up()
-                    if callbacks:  # otherwise metrics come once per epoch: cheaper
-                        report()
-                if done_rounds[e] == plans[e].rounds * n_workers:
-                    report()
-                    rec = self._end_epoch(e, plans[e], epoch_rounds.pop(e), t_epoch)
-                    t_epoch = time.perf_counter()
-                    results.append(rec)
+            results = loop.run()
         except BaseException as exc:
             bar.close()
-            root = self._fail(exc, list(_pending_futures.values()))
+            root = self._fail(exc, [i["future"] for i in loop.pending.values()])
             self._fetch_params()
             if root is exc:
                 raise
@@ -388,57 +345,89 @@ class Trainer:
         self._fetch_params()
         return results
 
-    def _round_task(self, plans: dict, epoch: int, rank: int, rnd: int, clock: int,
-                    dataset: Dataset, placement: _Placement, workers: tuple,
-                    first_clock: int):
-        """The ``daskdl-round-...`` task of worker ``rank`` in round ``rnd`` (a Delayed).
+    def _load_checkpoint(self, dataset: Dataset):
+        from .checkpoint import load_latest
 
-        Chunks reach the task in one of three ways: Zarr-backed data is read by the
-        worker itself (the spec names the chunks of this round and of the next, which
-        the worker prefetches while it computes); chunks already in worker memory are
-        dependencies; other lazy chunks are computed on the worker just before the
-        round before this one (so a worker holds at most two rounds of them).
-        """
-        plan = plans[epoch]
-        segs = plan.round_segments(rank, rnd)
-        chunks = list(dict.fromkeys(s.chunk for s in segs))
-        spec = {"epoch": plan.epoch, "round": rnd, "rank": rank, "clock": clock,
-                "steps": plan.round_steps(rnd), "batch_size": self.batch_size,
-                "segments": [(s.chunk, s.start, s.stop) for s in segs],
-                "chunks": chunks, "names": dataset.names, "fit": self._fits,
-                "first_clock": first_clock, "timeout": self.sync_timeout,
-                "sends": self.policy.sends, "slowdown": float(self._slowdown.get(rank, 1.0))}
-        blocks: list = []
-        if placement.zarr is not None:
-            spec["zarr"] = placement.zarr
-            nxt = (plan, rnd + 1) if rnd + 1 < plan.rounds else (plans.get(epoch + 1), 0)
-            spec["next_chunks"] = (
-                list(dict.fromkeys(s.chunk for s in nxt[0].round_segments(rank, nxt[1])))
-                if nxt[0] is not None and nxt[0].rounds else [])
-        else:
-            blocks = [ref for ch in chunks for ref in placement.refs[ch]]
-            lazy = [i for i, b in enumerate(blocks) if not isinstance(b, Future)]
-            if lazy:  # computed on the worker that trains on them, one round ahead
-                futs = self.client.compute([blocks[i] for i in lazy], workers=[workers[rank]],
-                                           priority=-clock + 1.5)
-                for i, f in zip(lazy, futs):
-                    blocks[i] = f
-        with dask.annotate(workers=[workers[rank]], allow_other_workers=False,
-                           priority=-clock):
-            return dask.delayed(run_round, pure=False)(
-                self.run, spec, *blocks,
-                dask_key_name=f"daskdl-round-{self.run}-{plan.epoch}-{rnd}-{rank}")
+        if self.checkpoint is None:
+            raise ValueError("fit(resume=True) needs Trainer(checkpoint='path/to/dir') to "
+                             "know where the checkpoints are")
+        ckpt = load_latest(self.checkpoint)
+        if ckpt is None:
+            logger.info("daskdl: no checkpoint under %s; starting from the beginning",
+                        self.checkpoint)
+            return None
+        meta = ckpt["meta"]
+        for what, mine, theirs in (("seed", self.seed, meta["seed"]),
+                                   ("batch_size", self.batch_size, meta["batch_size"]),
+                                   ("every", self.policy.every, meta["every"])):
+            if mine != theirs:
+                raise ValueError(f"checkpoint {ckpt['name']} was written with {what}="
+                                 f"{theirs}, this trainer has {what}={mine}; create the "
+                                 f"Trainer with {what}={theirs} to resume it")
+        if list(dataset.chunks) != list(meta["chunks"]):
+            raise ValueError(f"checkpoint {ckpt['name']} was written for a dataset with "
+                             f"chunks {tuple(meta['chunks'])[:8]}..., this one has "
+                             f"{tuple(dataset.chunks)[:8]}...; resume with the same dataset")
+        if len(ckpt["params"]) != len(self._leaves) or any(
+                a.shape != b.shape or a.dtype != b.dtype
+                for a, b in zip(ckpt["params"], self._leaves)):
+            raise ValueError(f"checkpoint {ckpt['name']} holds parameters of another model "
+                             "(shapes or dtypes differ from the trainer's)")
+        logger.info("daskdl: resuming from checkpoint %s (epoch %s, round %s)",
+                    ckpt["name"], meta["epoch"], meta["round"])
+        return ckpt
 
-    def _end_epoch(self, epoch: int, plan: EpochPlan, rounds: list, t_start: float) -> dict:
+    def _repair_placement(self, dataset: Dataset, placement: _Placement,
+                          workers: tuple) -> _Placement:
+        """Placement after the workers changed: chunks scattered from the client that
+        were only on a worker that left are scattered again; owners recomputed."""
+        if placement.zarr is not None or not placement.refs:
+            return _Placement(placement.refs, [-1] * len(placement.owners), workers,
+                              placement.zarr)
+        first = [refs[0] for refs in placement.refs]
+        if not all(isinstance(f, Future) for f in first):
+            return _Placement(placement.refs, [-1] * len(placement.owners), workers)
+        keys = [f.key for refs in placement.refs for f in refs]
+        where = self.client.run_on_scheduler(_locations, keys)
+        rank_of = {a: r for r, a in enumerate(workers)}
+        names = dataset.names
+        refs = [list(r) for r in placement.refs]
+        owners = []
+        loads = collections.Counter()
+        for c, rr in enumerate(refs):
+            locs = {where.get(f.key) for f in rr}
+            owner = rank_of.get(next(iter(locs))) if len(locs) == 1 else None
+            owners.append(-1 if owner is None else owner)
+            if owner is not None:
+                loads[owner] += dataset.chunks[c]
+        lost = [c for c, rr in enumerate(refs) if any(where.get(f.key) is None for f in rr)]
+        if lost and not dataset.in_memory:
+            owners = [-1 if c in lost else o for c, o in enumerate(owners)]
+        elif lost:
+            logger.warning("daskdl: %d chunks were only on workers that left; scattering "
+                           "them again", len(lost))
+            for c in lost:
+                rank = min(range(len(workers)), key=lambda r: loads[r])
+                blocks = [dataset.block(c)[n] for n in names]
+                refs[c] = self.client.scatter(blocks, workers=[workers[rank]], hash=False)
+                owners[c] = rank
+                loads[rank] += dataset.chunks[c]
+        placement = _Placement(refs, owners, workers)
+        self._placements[id(dataset)] = (dataset, placement)
+        return placement
+
+    def _end_epoch(self, epoch: int, rounds: list, t_start: float, regroups: int = 0) -> dict:
         rounds.sort(key=lambda r: (r["clock"], r["rank"]))
         self.rounds.extend(rounds)
         samples = sum(r["samples"] for r in rounds)
         rec = {"epoch": epoch,
                "loss": sum(r["loss"] * r["samples"] for r in rounds) / max(samples, 1),
                "samples": samples, "seconds": time.perf_counter() - t_start,
-               "rounds": plan.rounds}
+               "rounds": len({r["clock"] for r in rounds}), "regroups": regroups}
         self.history.append(rec)
         self._epoch = epoch + 1
+        if rounds:
+            self._clock = max(r["clock"] for r in rounds) + 1
         logger.info("epoch %d: loss %.4f, %d samples, %.2fs", epoch, rec["loss"],
                     rec["samples"], rec["seconds"])
         return rec
@@ -452,7 +441,10 @@ class Trainer:
             pass
         root = exc
         if isinstance(exc, SyncAborted) and futures:
-            wait(futures, timeout=min(30.0, self.sync_timeout))
+            try:
+                c.sync(_wait_futures, futures, timeout=min(30.0, self.sync_timeout))
+            except Exception:
+                pass
             for f in futures:
                 if f.status == "error":
                     e = f.exception()

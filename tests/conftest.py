@@ -67,3 +67,14 @@ def digits():
 
     d = load_digits()
     return (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the in-process ``gen_cluster`` tests first: they check that no subprocess
+    is alive, and the session clusters' worker processes are, once started."""
+    def uses_gen_cluster(item):
+        return getattr(item.function, "__wrapped__", None) is not None and \
+            "gen_cluster" in repr(getattr(item.function, "__qualname__", "")) or \
+            item.module.__name__.endswith("test_plugin")
+
+    items.sort(key=lambda item: 0 if uses_gen_cluster(item) else 1)

@@ -61,26 +61,63 @@ async def test_abort_releases_waiting_workers(c, s):
 
 
 @gen_cluster(client=True, nthreads=[])
-async def test_barrier_timeout_aborts_instead_of_hanging(c, s):
+async def test_a_silent_worker_is_dropped_after_the_timeout_instead_of_hanging(c, s):
     plugin = await start(c, s, timeout=0.3)
     reply = await asyncio.wait_for(plugin.sync("r", 0, 0, leaves(1.0), 1, 0), 5)
-    assert reply["status"] == "aborted"
-    assert "waited 0.3s" in reply["reason"] and "ranks [1]" in reply["reason"]
+    st = plugin.runs["r"]
+    assert reply["status"] == "OK"  # went on without rank 1
+    assert st.members == {0: "w0"} and 1 in st.lost
+    assert "sent nothing for 0.3s" in st.lost[1]["reason"]
+    assert st.aborted is None
+    events = [m for _, m in s.get_events("daskdl-r")]
+    assert events and events[-1]["action"] == "lost" and events[-1]["rank"] == 1
 
 
 @gen_cluster(client=True, nthreads=[])
-async def test_bad_updates_never_touch_the_global_params(c, s):
+async def test_bad_updates_are_rejected_and_never_touch_the_global_params(c, s):
     plugin = await start(c, s)
     bad_shape = [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)]
     reply = await plugin.sync("r", 0, 0, bad_shape, 1, 0)
-    assert reply["status"] == "aborted" and "float32[3, 2]" in reply["reason"]
-    np.testing.assert_allclose(plugin.runs["r"].leaves[0], 0.0)
+    assert reply["status"] == "rejected" and "float32[3, 2]" in reply["reason"]
+    np.testing.assert_allclose(reply["params"].data[0], 0.0)  # re-sync from the global
+    # the other worker's update is merged alone: the group does not wait for the rejected
+    good = await plugin.sync("r", 1, 0, leaves(2.0), 1, 0)
+    assert good["status"] == "OK"
+    st = plugin.runs["r"]
+    np.testing.assert_allclose(st.leaves[0], 2.0)
+    assert st.rejected == 1 and st.history[-2]["ranks"] == [1]
 
     plugin.start_run("r2", leaves(0.0), ddl.BSP(every=1), {"0": "w0"}, 5.0)
-    reply = await plugin.sync("r2", 0, 0, leaves(np.nan), 1, 0)
-    assert reply["status"] == "aborted" and "NaN" in reply["reason"]
-    assert plugin.runs["r2"].version == 0
+    wrong_tree = leaves(1.0)[:1]
+    assert (await plugin.sync("r2", 0, 0, wrong_tree, 1, 0))["status"] == "rejected"
+    assert (await plugin.sync("r2", 0, 1, leaves(np.inf), 1, 0))["status"] == "rejected"
+    third = await plugin.sync("r2", 0, 2, leaves(np.nan), 1, 0)  # max-rejections: 3 in a row
+    assert third["status"] == "aborted" and third["diverged"] and "NaN" in third["reason"]
+    assert plugin.runs["r2"].version == 0 and plugin.runs["r2"].rejected == 3
     np.testing.assert_allclose(plugin.runs["r2"].leaves[0], 0.0)
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_freeze_discards_unmerged_rounds_and_regroup_starts_a_generation(c, s):
+    plugin = await start(c, s)
+    await asyncio.gather(plugin.sync("r", 0, 0, leaves(1.0), 1, 0),
+                         plugin.sync("r", 1, 0, leaves(3.0), 1, 0))  # round 0 merged
+    waiting = asyncio.ensure_future(plugin.sync("r", 0, 1, leaves(5.0), 1, 1))
+    await asyncio.sleep(0.1)
+    frozen = plugin.freeze("r")
+    assert frozen["done"] == {0: 1, 1: 1}
+    assert (await asyncio.wait_for(waiting, 2))["status"] == "replan"
+    assert (await plugin.sync("r", 1, 1, leaves(7.0), 1, 1))["status"] == "replan"
+    st = plugin.runs["r"]
+    np.testing.assert_allclose(st.leaves[0], 2.0)  # round 1 never merged
+    plugin.regroup("r", {"0": "w1", "1": "w2", "2": "w3"}, clock=1)
+    assert st.gen == 1 and st.clocks == {0: 1, 1: 1, 2: 1}
+    old = await plugin.sync("r", 0, 1, leaves(9.0), 1, 1, gen=0)  # a round of generation 0
+    assert old["status"] == "replan"
+    replies = await asyncio.gather(*(plugin.sync("r", r, 1, leaves(float(r)), 1, 1, gen=1)
+                                     for r in range(3)))
+    assert all(rep["status"] == "OK" for rep in replies)
+    np.testing.assert_allclose(st.leaves[0], 1.0)
 
 
 @gen_cluster(client=True, nthreads=[])
@@ -105,7 +142,7 @@ async def test_handlers_over_rpc_and_unknown_run(c, s):
 
 
 @gen_cluster(client=True)
-async def test_worker_leaving_aborts_its_runs(c, s, a, b):
+async def test_worker_leaving_is_dropped_from_the_barrier_at_once(c, s, a, b):
     await c.register_plugin(TrainingPlugin())
     plugin = get_plugin(s)
     plugin.start_run("r", leaves(0.0), ddl.BSP(every=1), {"0": a.address, "1": b.address}, 30)
@@ -113,4 +150,7 @@ async def test_worker_leaving_aborts_its_runs(c, s, a, b):
     await asyncio.sleep(0.1)
     await b.close()
     reply = await asyncio.wait_for(waiting, 5)
-    assert reply["status"] == "aborted" and b.address in reply["reason"]
+    st = plugin.runs["r"]
+    assert reply["status"] == "OK" and reply.get("same")  # merged with what arrived
+    assert st.members == {0: a.address} and st.lost[1]["address"] == b.address
+    assert st.lost[1]["done"] == 0 and st.aborted is None

@@ -272,20 +272,21 @@ def test_a_round_that_starts_early_waits_for_the_rounds_before_it(client1):
                                  y=rng.integers(0, 10, 64).astype(np.int32), chunk_size=32)
     with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.01),
                      policy=ddl.BSP(every=1), batch_size=16, client=client1) as tr:
+        from daskdl.fitloop import Entry, FitLoop
+        from daskdl.trainer import _progress_bar
+
         workers, _ = tr._workers()
-        placement = tr._place(ds, workers)
-        tr._fits = 1
+        loop = FitLoop(tr, ds, 1, [], _progress_bar(0, False), None)
+        loop.members, loop.placement = workers, tr._place(ds, workers)
         client1.sync(client1.scheduler.daskdl_start, run=tr.run,
                      params=to_serialize(tr._leaves), policy=to_serialize(tr.policy),
                      members={"0": workers[0]}, timeout=30)
-        plan = make_plan(ds.chunks, 1, 16, 1, 0, 0, placement.owners)
-        late = client1.compute(tr._round_task({0: plan}, 0, 0, 1, 1, ds, placement, workers, 0),
-                               optimize_graph=False)
+        loop.entries = [Entry(make_plan(ds.chunks, 1, 16, 1, 0, 0, loop.placement.owners), 0, 0)]
+        loop.first_clock = 0
+        late = client1.compute(loop.round_task(0, 0, 1, 1)[0], optimize_graph=False)
         time.sleep(1.0)
         assert late.status == "pending"  # started, waiting for round 0
-        early = client1.compute(tr._round_task({0: plan}, 0, 0, 0, 0, ds, placement, workers,
-                                               0),
-                                optimize_graph=False)
+        early = client1.compute(loop.round_task(0, 0, 0, 0)[0], optimize_graph=False)
         r0, r1 = early.result(timeout=60), late.result(timeout=60)
         assert (r0["version"], r1["version"]) == (1, 2)
         arrivals = [h["clock"] for h in tr.info()["history"] if h["kind"] == "arrive"]

@@ -1,0 +1,312 @@
+"""Workers dying, leaving and joining during training: real processes, killed for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+from distributed import Client, LocalCluster
+
+import daskdl as ddl
+from daskdl.workerenv import cluster_config
+
+from .conftest import accuracy, init_mlp, loss_fn
+
+EPOCHS = 20
+
+
+def _split(digits):
+    x, y = digits
+    return ddl.Dataset.from_arrays(x=x, y=y, chunk_size=90).split(0.8, seed=0)
+
+
+def _policy(name):
+    return {"BSP": ddl.BSP(every=4), "SSP": ddl.SSP(every=4, staleness=2),
+            "Async": ddl.Async(every=4), "DiLoCo": ddl.DiLoCo(every=4)}[name]
+
+
+def _trainer(client, policy, **kw):
+    return ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                       policy=_policy(policy), batch_size=32, client=client, seed=0, **kw)
+
+
+def _check_coverage(tr, train, epochs):
+    """Every chunk of every epoch trained, no sample twice (at most its chunk's size)."""
+    chunks = train.chunks
+    for e in range(epochs):
+        cov = tr.coverage[e]
+        assert set(cov) == set(range(len(chunks))), (e, sorted(cov))
+        assert all(cov[c] <= chunks[c] for c in cov), (e, cov)
+        # fewer than (re-plans + 1) * workers * batch_size samples left out
+        assert sum(cov.values()) >= sum(chunks) - 6 * 2 * 32
+
+
+@pytest.fixture(scope="module")
+def no_fault_accuracy(client2, digits):
+    """Test accuracy without faults, per policy (same seed and data)."""
+    train, test = _split(digits)
+    out = {}
+    for name in ("BSP", "SSP", "Async", "DiLoCo"):
+        with _trainer(client2, name) as tr:
+            tr.fit(train, epochs=EPOCHS, verbose=False)
+            out[name] = tr.evaluate(test, accuracy)["accuracy"]
+    return out
+
+
+def _kill_when(tr_rounds: list, n: int, pid_of, client, rejoin: bool = False):
+    """A callback SIGKILLing worker rank 1's process once ``n`` rounds are done; with
+    ``rejoin``, it later waits for the nanny's new worker (a new process takes longer
+    to start than this small model takes to train), so that it joins mid-training."""
+    state = {"killed": None, "joined": False}
+
+    def cb(r):
+        tr_rounds.append(r)
+        if state["killed"] is None and len(tr_rounds) >= n:
+            addr = sorted(client.scheduler_info()["workers"])[-1]
+            pid = pid_of(addr)
+            os.kill(pid, signal.SIGKILL)
+            state["killed"] = (addr, pid)
+        elif rejoin and not state["joined"] and len(tr_rounds) >= n + 12:
+            client.wait_for_workers(2, timeout=60)
+            state["joined"] = True
+
+    return cb, state
+
+
+@pytest.mark.parametrize("policy", ["BSP", "SSP", "Async", "DiLoCo"])
+def test_killed_worker_with_nanny_training_goes_on(policy, digits, no_fault_accuracy):
+    """SIGKILL one worker process mid-training; its nanny starts a new one, which joins."""
+    train, test = _split(digits)
+    with cluster_config():
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=":0")
+    with cluster, Client(cluster, set_as_default=False) as client:
+        pids = client.run(os.getpid)
+        rounds: list = []
+        cb, state = _kill_when(rounds, 16, pids.__getitem__, client, rejoin=True)
+        with _trainer(client, policy, sync_timeout=60) as tr:
+            hist = tr.fit(train, epochs=EPOCHS, verbose=False, callbacks=[cb])
+            acc = tr.evaluate(test, accuracy)["accuracy"]
+            info = tr.info()
+        assert state["killed"] is not None and state["joined"]
+        assert len(hist) == EPOCHS and info["aborted"] is None
+        assert info["generation"] >= 2  # re-planned twice: lost, then joined
+        assert len(info["members"]) == 2
+        assert len(client.scheduler_info()["workers"]) == 2  # the nanny's new worker
+        workers_used = {r["worker"] for r in rounds}
+        assert state["killed"][0] in workers_used and len(workers_used) == 3
+        _check_coverage(tr, train, EPOCHS)
+        assert acc >= no_fault_accuracy[policy] - 0.01 - 1e-9, (acc, no_fault_accuracy)
+
+
+def _workers_without_nanny(address: str, n: int) -> list:
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="268435456")
+    return [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                              "--no-nanny", "--nthreads", "1", "--no-dashboard"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("policy", ["BSP", "Async"])
+def test_killed_worker_without_nanny_stays_dead_and_the_other_finishes(policy, digits,
+                                                                        no_fault_accuracy):
+    train, test = _split(digits)
+    cluster = LocalCluster(n_workers=0, dashboard_address=":0")
+    procs = _workers_without_nanny(cluster.scheduler_address, 2)
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            pids = client.run(os.getpid)
+            rounds: list = []
+            cb, state = _kill_when(rounds, 16, pids.__getitem__, client)
+            with _trainer(client, policy, sync_timeout=60) as tr:
+                hist = tr.fit(train, epochs=EPOCHS, verbose=False, callbacks=[cb])
+                acc = tr.evaluate(test, accuracy)["accuracy"]
+                info = tr.info()
+            assert len(hist) == EPOCHS and info["aborted"] is None
+            assert list(info["members"].values()) == sorted(client.scheduler_info()["workers"])
+            assert len(info["members"]) == 1  # trained on alone
+            late = [r for r in rounds if r["clock"] > max(x["clock"] for x in rounds) - 10]
+            assert {r["worker"] for r in late} == set(info["members"].values())
+            _check_coverage(tr, train, EPOCHS)
+            assert acc >= no_fault_accuracy[policy] - 0.01 - 1e-9, (acc, no_fault_accuracy)
+    finally:
+        for p in procs:
+            p.kill()
+        cluster.close()
+
+
+def test_scale_up_and_down_during_training(digits):
+    train, test = _split(digits)
+    with cluster_config():
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                               dashboard_address=":0")
+    with cluster, Client(cluster, set_as_default=False) as client:
+        seen: list = []
+
+        def scale_up(r):
+            seen.append(r)
+            if len(seen) == 10:
+                cluster.scale(2)
+
+        with _trainer(client, "BSP") as tr:
+            tr.fit(train, epochs=6, verbose=False, callbacks=[scale_up])
+            workers = {r["worker"] for r in seen[-8:]}
+            assert len(workers) == 2  # the new worker trains on its share
+            assert tr.info()["generation"] >= 1
+            _check_coverage(tr, train, 6)
+
+            seen.clear()
+
+            def scale_down(r):
+                seen.append(r)
+                if len(seen) == 10:
+                    cluster.scale(1)
+
+            tr.fit(train, epochs=6, verbose=False, callbacks=[scale_down])
+            assert len({r["worker"] for r in seen[-4:]}) == 1
+            assert len(tr.info()["members"]) == 1
+            assert tr.evaluate(test, accuracy)["accuracy"] >= 0.95
+
+
+def test_min_workers_pauses_until_workers_come_back(digits):
+    train, _ = _split(digits)
+    with cluster_config():
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                               dashboard_address=":0")
+    with cluster, Client(cluster, set_as_default=False) as client:
+        with _trainer(client, "BSP", min_workers=2) as tr:
+            import dask
+
+            with dask.config.set({"daskdl.min-workers-wait": "1s"}):
+                with pytest.raises(ddl.DaskDLError, match="min_workers=2"):
+                    tr.fit(train, epochs=1, verbose=False)
+            timer = threading.Timer(1.0, cluster.scale, args=(2,))
+            timer.start()
+            t0 = time.monotonic()
+            tr.fit(train, epochs=2, verbose=False)
+            assert time.monotonic() - t0 > 1.0
+            assert len(tr.info()["members"]) == 2
+
+
+def test_a_worker_sending_nan_never_changes_the_global_params(client2, digits):
+    import dask
+
+    train, test = _split(digits)
+    with dask.config.set({"daskdl.testing.send-nan": {1: [2, 3, 9]}}):
+        tr = _trainer(client2, "BSP")
+    with tr:
+        tr.fit(train, epochs=3, verbose=False)
+        info = tr.info()
+        assert info["rejected"] == 3 and info["aborted"] is None
+        assert {r["clock"] for r in tr.rejected_rounds} == {2, 3, 9}
+        merges = {h["clock"]: h["ranks"] for h in info["history"] if h["kind"] == "merge"}
+        assert merges[2] == merges[3] == merges[9] == [0]  # rank 1's NaNs never merged
+        assert merges[4] == [0, 1]  # rank 1 re-synced and contributes again
+        assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tr.params))
+        assert tr.evaluate(test, accuracy)["accuracy"] > 0.8
+
+    with dask.config.set({"daskdl.testing.send-nan": {1: "all"}, "daskdl.max-rejections": 1000}):
+        tr = _trainer(client2, "Async")
+    with tr:
+        tr.fit(train, epochs=2, verbose=False)
+        info = tr.info()
+        merged_ranks = {r for h in info["history"] if h["kind"] == "merge" for r in h["ranks"]}
+        assert merged_ranks == {0} and info["rejected"] > 0
+        assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tr.params))
+
+
+_JOB = r'''
+import sys
+sys.path.insert(0, {root!r})
+import jax, optax, numpy as np
+from distributed import Client, LocalCluster
+import daskdl as ddl
+from daskdl.workerenv import cluster_config
+from tests.test_faults import job_trainer, job_data
+
+if __name__ == "__main__":
+    with cluster_config():
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=":0")
+    client = Client(cluster)
+    tr = job_trainer(client, {ckpt!r})
+    print("fitting", flush=True)
+    tr.fit(job_data(), epochs={epochs}, verbose=False, resume=True)
+    print("finished", flush=True)
+'''
+
+
+def job_data():
+    """Deterministic data for the resume test (also used by the job it kills)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 64)).astype(np.float32)
+    y = (x[:, :10].argmax(1)).astype(np.int32)
+    return ddl.Dataset.from_arrays(x=x, y=y, chunk_size=128)
+
+
+def job_trainer(client, ckpt):
+    import cloudpickle
+
+    from . import conftest
+
+    cloudpickle.register_pickle_by_value(conftest)
+    return ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(1)), optax.adam(1e-3),
+                       policy=ddl.BSP(every=2), batch_size=32, client=client, seed=3,
+                       checkpoint=ckpt, checkpoint_every=5)
+
+
+def test_kill_the_whole_cluster_and_resume_bit_identical(client2, tmp_path):
+    """The job (scheduler, workers, client) is SIGKILLed mid-epoch; a new cluster
+    resumes from the newest checkpoint, which is damaged, so it falls back to the one
+    before; the final parameters equal an uninterrupted run's bit for bit."""
+    from daskdl.checkpoint import list_checkpoints
+
+    epochs = 4  # 16 rounds per epoch
+    with job_trainer(client2, None) as tr:
+        tr.fit(job_data(), epochs=epochs, verbose=False)
+        reference = jax.tree_util.tree_leaves(tr.params)
+
+    ckpt = str(tmp_path / "ckpt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "job.py"
+    script.write_text(_JOB.format(root=root, ckpt=ckpt, epochs=epochs))
+    job = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
+                           cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # kill once it is well into the run
+            names = list_checkpoints(ckpt)
+            if len(names) >= 4 and job.poll() is None:
+                break
+            assert job.poll() is None, job.stdout.read().decode()[-3000:]
+            time.sleep(0.02)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(30)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    names = list_checkpoints(ckpt)
+    clocks = [int(n.split("-")[1]) for n in names]
+    assert clocks[-1] < epochs * 16  # it did not finish
+    # damage the newest checkpoint: truncate one of its parameter chunks
+    newest = os.path.join(ckpt, names[-1], "params", "0", "c")
+    victim = next(os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {names[-1]}"):
+        with job_trainer(client2, ckpt) as tr:
+            tr.fit(job_data(), epochs=epochs, verbose=False, resume=True)
+            resumed = jax.tree_util.tree_leaves(tr.params)
+            assert tr._epoch == epochs
+    for a, b in zip(reference, resumed):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
