@@ -322,7 +322,7 @@ class FitLoop:
                members={str(r): a for r, a in enumerate(self.members)},
                timeout=t.sync_timeout, clock=self.first_clock, version=version,
                policy_state=to_serialize(policy_state), restore=to_serialize(restore),
-               checkpoint=ckpt)
+               checkpoint=ckpt, max_rejections=t.max_rejections)
         c.subscribe_topic(self.topic, self._on_event)
         self.build_queues()
 

@@ -89,6 +89,7 @@ class RunState:
         self.merge_seconds = 0.0
         self.rejected = 0
         self.strikes: dict[int, int] = {}  # rank -> rejected updates in a row
+        self.max_rejections = int(config.get("max-rejections"))
         self.loss: float | None = None  # sample-weighted loss of the last merge
         self.started = time.time()
         self.ended: float | None = None
@@ -249,7 +250,7 @@ class TrainingPlugin(SchedulerPlugin):
     # -- handlers --------------------------------------------------------------------
     def start_run(self, run: str, params, policy, members: dict, timeout: float,
                   clock: int = 0, version: int = 0, policy_state=None, restore=None,
-                  checkpoint=None) -> dict:
+                  checkpoint=None, max_rejections: int | None = None) -> dict:
         """Start (or restart) a run.  ``restore`` maps rank -> ``{"opt_state": leaves,
         "params": leaves}`` read from a checkpoint, handed to each rank on its first
         parameter fetch; ``checkpoint`` is ``{"store": ..., "keep": n}``."""
@@ -264,6 +265,7 @@ class TrainingPlugin(SchedulerPlugin):
         st = RunState(run, leaves, policy, members, float(timeout), clock=int(clock),
                       version=int(version), policy_state=_load(policy_state))
         st.restore = {int(k): v for k, v in (_load(restore) or {}).items()}
+        st.max_rejections = int(config.get("max-rejections", max_rejections))
         if checkpoint is not None:
             from .checkpoint import CheckpointWriter
 
@@ -435,7 +437,7 @@ class TrainingPlugin(SchedulerPlugin):
                            "time": time.time(), "reason": why})
         logger.warning("daskdl run %s: update of rank %d after round %d rejected: %s",
                        st.run, rank, clock, why)
-        limit = int(config.get("max-rejections"))
+        limit = st.max_rejections
         if strikes >= limit:
             self._abort(st, f"{limit} updates in a row from worker rank {rank} were rejected; "
                             f"the last: {why}")

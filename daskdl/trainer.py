@@ -134,6 +134,7 @@ class Trainer:
         self.seed = int(seed)
         self.rounds_ahead = max(1, int(config.get("rounds-ahead", rounds_ahead)))
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
+        self.max_rejections = int(config.get("max-rejections"))
         # simulated stragglers for benchmarks and tests: {rank: factor}
         self._slowdown = {int(k): float(v)
                           for k, v in (config.get("testing.slowdown") or {}).items()}

@@ -156,6 +156,8 @@ def test_scale_up_and_down_during_training(digits):
             seen.append(r)
             if len(seen) == 10:
                 cluster.scale(2)
+            if len(seen) == 14:  # a new process takes longer to start than this model
+                client.wait_for_workers(2, timeout=60)
 
         with _trainer(client, "BSP") as tr:
             tr.fit(train, epochs=6, verbose=False, callbacks=[scale_up])
@@ -208,7 +210,7 @@ def test_a_worker_sending_nan_never_changes_the_global_params(client2, digits):
         info = tr.info()
         assert info["rejected"] == 3 and info["aborted"] is None
         assert {r["clock"] for r in tr.rejected_rounds} == {2, 3, 9}
-        merges = {h["clock"]: h["ranks"] for h in info["history"] if h["kind"] == "merge"}
+        merges = {h["clock"]: list(h["ranks"]) for h in info["history"] if h["kind"] == "merge"}
         assert merges[2] == merges[3] == merges[9] == [0]  # rank 1's NaNs never merged
         assert merges[4] == [0, 1]  # rank 1 re-synced and contributes again
         assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tr.params))
@@ -285,7 +287,7 @@ def test_kill_the_whole_cluster_and_resume_bit_identical(client2, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # kill once it is well into the run
             names = list_checkpoints(ckpt)
-            if len(names) >= 4 and job.poll() is None:
+            if names and int(names[-1].split("-")[1]) >= 25:  # into epoch 1 (16 rounds each)
                 break
             assert job.poll() is None, job.stdout.read().decode()[-3000:]
             time.sleep(0.02)
@@ -296,7 +298,7 @@ def test_kill_the_whole_cluster_and_resume_bit_identical(client2, tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     names = list_checkpoints(ckpt)
     clocks = [int(n.split("-")[1]) for n in names]
-    assert clocks[-1] < epochs * 16  # it did not finish
+    assert len(clocks) >= 2 and 0 < clocks[-2] < clocks[-1] < epochs * 16  # did not finish
     # damage the newest checkpoint: truncate one of its parameter chunks
     newest = os.path.join(ckpt, names[-1], "params", "0", "c")
     victim = next(os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs)
