@@ -439,6 +439,10 @@ class TrainingPage:
             self.run = run
             self._reset(state)
         m = metrics[run]
+        for rank in sorted(m["ranks"]):  # one line per worker, legends in rank order
+            for lines in (self.rank_loss_round, self.rank_loss_time, self.rank_staleness,
+                          self.rank_divergence):
+                lines.source(rank)
         self._consume(self._new_events(state))
         self._update_workers(m)
         self._update_summary(m)
