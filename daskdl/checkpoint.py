@@ -3,14 +3,16 @@
 A checkpoint root holds one Zarr group per checkpoint, ``ckpt-<clock>`` (clock =
 rounds every worker had finished), with
 
-* ``params/<i>``: the global parameters (flattened leaves),
-* ``policy/<i>``: the consistency policy's state (e.g. DiLoCo's outer optimizer),
-* ``opt/<rank>/<i>``: each worker's optimizer state,
-* ``local/<rank>/<i>``: a worker's own parameters where a policy keeps them apart
-  from the global ones (EASGD),
+* ``params/<dtype>``: the global parameters (flattened leaves),
+* ``policy/<dtype>``: the consistency policy's state (e.g. DiLoCo's outer optimizer),
+* ``opt/<rank>/<dtype>``: each worker's optimizer state,
+* ``local/<rank>/<dtype>``: a worker's own parameters where a policy keeps them
+  apart from the global ones (EASGD),
 
-and the attribute ``daskdl_checkpoint``: the data position (epoch, round, the
-epoch's plan), the seed, the history, and a CRC-32 of every array.  Readers take
+leaves of one dtype packed into one 1-D array (``layout`` in the attribute gives
+each leaf's dtype, shape and offset), and the attribute ``daskdl_checkpoint``:
+the data position (epoch, round, the epoch's plan), the seed, the history, and a
+CRC-32 of every array.  Readers take
 the newest group whose attribute is present and whose arrays match their CRCs;
 a damaged one is skipped with a warning.
 
@@ -81,12 +83,26 @@ def write_checkpoint(store, clock: int, params: list, policy_state: list,
     else:
         group = zarr.open_group(store, mode="a").require_group(name)
     crcs: dict[str, int] = {}
+    layout: dict[str, list] = {}
 
     def put(path: str, leaves: list) -> None:
-        for i, x in enumerate(leaves):
+        """Leaves of one dtype are packed into one 1-D array ``<path>/<dtype>``: a few
+        arrays per checkpoint instead of one per leaf (Zarr's per-array metadata is
+        what a checkpoint of many small leaves spends its time on)."""
+        parts: dict[str, list] = {}
+        sizes: dict[str, int] = {}
+        entries = []
+        for x in leaves:
             x = np.asarray(x)
-            group.create_array(f"{path}/{i}", data=x, overwrite=True)
-            crcs[f"{path}/{i}"] = _crc(x)
+            name = x.dtype.name
+            entries.append([name, list(x.shape), sizes.get(name, 0)])
+            parts.setdefault(name, []).append(x.reshape(-1))
+            sizes[name] = sizes.get(name, 0) + x.size
+        for name, xs in parts.items():
+            packed = np.concatenate(xs)
+            group.create_array(f"{path}/{name}", data=packed, overwrite=True)
+            crcs[f"{path}/{name}"] = _crc(packed)
+        layout[path] = entries
 
     put("params", params)
     put("policy", policy_state)
@@ -94,8 +110,8 @@ def write_checkpoint(store, clock: int, params: list, policy_state: list,
         put(f"opt/{int(rank)}", leaves)
     for rank, leaves in local_params.items():
         put(f"local/{int(rank)}", leaves)
-    group.attrs[ATTR] = dict(meta, clock=int(clock), crc32=crcs, written=time.time(),
-                             n_params=len(params), n_policy=len(policy_state),
+    group.attrs[ATTR] = dict(meta, clock=int(clock), crc32=crcs, layout=layout,
+                             written=time.time(),
                              opt_ranks=sorted(int(r) for r in opt_states),
                              local_ranks=sorted(int(r) for r in local_params))
     if _is_path(store):
@@ -142,6 +158,7 @@ def read_checkpoint(store, name: str) -> dict:
     incomplete or damaged."""
     import zarr
 
+    name_ = name
     try:
         root = os.path.join(os.fspath(store), name) if _is_path(store) else store
         group = zarr.open_group(root, mode="r", path=None if _is_path(store) else name)
@@ -149,33 +166,31 @@ def read_checkpoint(store, name: str) -> dict:
         if not meta:
             raise CheckpointError(f"checkpoint {name} is incomplete (no {ATTR} attribute)")
 
-        def get(path: str, n: int) -> list:
+        def get(path: str) -> list:
+            packed = {}
             out = []
-            for i in range(n):
-                x = np.asarray(group[f"{path}/{i}"][...])
-                if _crc(x) != meta["crc32"][f"{path}/{i}"]:
-                    raise CheckpointError(f"array {path}/{i} of checkpoint {name} does not "
-                                          "match its checksum")
-                out.append(x)
+            for name, shape, offset in meta["layout"][path]:
+                if name not in packed:
+                    x = np.asarray(group[f"{path}/{name}"][...])
+                    if _crc(x) != meta["crc32"][f"{path}/{name}"]:
+                        raise CheckpointError(f"array {path}/{name} of checkpoint {name_} "
+                                              "does not match its checksum")
+                    packed[name] = x
+                size = int(np.prod(shape, dtype=np.int64))
+                out.append(packed[name][offset:offset + size].reshape(shape).copy())
             return out
 
         return {
             "meta": meta,
-            "params": get("params", meta["n_params"]),
-            "policy_state": get("policy", meta["n_policy"]),
-            "opt_states": {r: get(f"opt/{r}", _count(meta, f"opt/{r}/"))
-                           for r in meta["opt_ranks"]},
-            "local_params": {r: get(f"local/{r}", meta["n_params"])
-                             for r in meta["local_ranks"]},
+            "params": get("params"),
+            "policy_state": get("policy"),
+            "opt_states": {r: get(f"opt/{r}") for r in meta["opt_ranks"]},
+            "local_params": {r: get(f"local/{r}") for r in meta["local_ranks"]},
         }
     except CheckpointError:
         raise
     except Exception as e:  # truncated files, bad JSON, missing arrays
         raise CheckpointError(f"checkpoint {name} cannot be read: {e!r}") from e
-
-
-def _count(meta: dict, prefix: str) -> int:
-    return sum(1 for k in meta["crc32"] if k.startswith(prefix))
 
 
 def load_latest(store) -> dict | None:

@@ -33,15 +33,16 @@ def test_round_trip_newest_first_and_stale_temporaries_ignored(tmp_path):
     assert ck["name"] == "ckpt-000000010" and ck["meta"]["clock"] == 10
     np.testing.assert_array_equal(ck["params"][0], 2.0)
     assert int(ck["opt_states"][0][1]) == 10 and ck["policy_state"][0].tolist() == [0, 1, 2]
-    assert zarr.open_group(os.path.join(root, "ckpt-000000010"), mode="r")["params/0"].shape \
-        == (3, 4)  # readable with plain zarr
+    g = zarr.open_group(os.path.join(root, "ckpt-000000010"), mode="r")  # plain zarr
+    assert g["params/float32"].shape == (12,)
+    assert g.attrs["daskdl_checkpoint"]["layout"]["params"] == [["float32", [3, 4], 0]]
 
 
 def test_damaged_or_incomplete_newest_falls_back_with_a_warning(tmp_path):
     root = str(tmp_path / "ck")
     _write(root, 5, 1.0)
     _write(root, 10, 2.0)
-    chunk_dir = os.path.join(root, "ckpt-000000010", "params", "0", "c")
+    chunk_dir = os.path.join(root, "ckpt-000000010", "params", "float32", "c")
     chunk = next(os.path.join(d, f) for d, _, fs in os.walk(chunk_dir) for f in fs)
     with open(chunk, "r+b") as f:
         f.truncate(3)
@@ -54,9 +55,8 @@ def test_damaged_or_incomplete_newest_falls_back_with_a_warning(tmp_path):
     # a zarr store without the completion attribute: not a checkpoint
     store = zarr.storage.MemoryStore()
     _write(store, 3, 1.0)
-    g = zarr.open_group(store, mode="a")["ckpt-000000007"] if False else \
-        zarr.open_group(store, mode="a").require_group("ckpt-000000007")
-    g.create_array("params/0", data=np.zeros((3, 4), np.float32))
+    g = zarr.open_group(store, mode="a").require_group("ckpt-000000007")
+    g.create_array("params/float32", data=np.zeros(12, np.float32))
     with pytest.warns(UserWarning, match="incomplete"):
         assert load_latest(store)["name"] == "ckpt-000000003"
 

@@ -300,7 +300,7 @@ def test_kill_the_whole_cluster_and_resume_bit_identical(client2, tmp_path):
     clocks = [int(n.split("-")[1]) for n in names]
     assert len(clocks) >= 2 and 0 < clocks[-2] < clocks[-1] < epochs * 16  # did not finish
     # damage the newest checkpoint: truncate one of its parameter chunks
-    newest = os.path.join(ckpt, names[-1], "params", "0", "c")
+    newest = os.path.join(ckpt, names[-1], "params", "float32", "c")
     victim = next(os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs)
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
