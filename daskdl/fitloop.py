@@ -107,9 +107,13 @@ class FitLoop:
         from .trainer import _worker_info
 
         info = _worker_info(self.c)
+        logger.debug("daskdl: workers %s, excluded %s",
+                     {a: w.get("status") for a, w in info.items()}, self.excluded)
+        # a worker that just registered is still "init" when the plugin hears of it;
+        # paused (out of memory) and closing workers are left out
         return tuple(sorted(a for a, w in info.items()
                             if a not in self.excluded and w.get("status", "running")
-                            in ("running", "Status.running")))
+                            in ("running", "init")))
 
     def wait_for_workers(self) -> tuple:
         """The workers to train on; waits (with a message) while there are fewer than

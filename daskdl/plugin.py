@@ -121,6 +121,7 @@ class RunState:
             "merge_seconds": self.merge_seconds, "ranks": per_rank,
             "checkpoints": 0 if ck is None else ck.written,
             "checkpoint_blocked_s": 0.0 if ck is None else ck.blocked_s,
+            "checkpoint_write_s": 0.0 if ck is None else ck.write_s,
         }
 
     def info(self) -> dict:
@@ -193,11 +194,16 @@ class TrainingPlugin(SchedulerPlugin):
         if self.scheduler is not None:
             self.scheduler.log_event(f"daskdl-{st.run}", dict(msg, run=st.run))
 
-    async def remove_worker(self, scheduler, worker: str, **kwargs):
-        for st in list(self.runs.values()):
-            if st.aborted is None:
-                for rank in [r for r, a in st.members.items() if a == worker]:
-                    await self._drop(st, rank, "it left the cluster")
+    def remove_worker(self, scheduler, worker: str, **kwargs):
+        todo = [(st, rank) for st in list(self.runs.values()) if st.aborted is None
+                for rank, addr in st.members.items() if addr == worker]
+        if todo:  # a coroutine only when there is something to do (the scheduler awaits it)
+            return self._drop_all(todo, "it left the cluster")
+        return None
+
+    async def _drop_all(self, todo: list, reason: str) -> None:
+        for st, rank in todo:
+            await self._drop(st, rank, reason)
 
     def add_worker(self, scheduler, worker: str):
         for st in list(self.runs.values()):
