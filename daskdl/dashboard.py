@@ -39,6 +39,7 @@ PLUGIN_NAME = "daskdl-dashboard"
 PAGE = "/daskdl"
 TRAINING_PLUGIN = "daskdl"  # scheduler.extensions key of the TrainingPlugin
 
+UPDATE_MS = 500  # default of config daskdl.dashboard.interval: how often the page redraws
 _ROLLOVER = 5_000  # points kept per line on the page (older ones scroll out)
 _RATE_WINDOW = 2.0  # seconds of arrivals averaged for samples/s
 
@@ -146,7 +147,11 @@ def training_doc(scheduler, extra, doc):
 
     page = TrainingPage(scheduler)
     page.update()
-    add_periodic_callback(doc, page, 500)
+    import dask
+    from dask.utils import parse_timedelta
+
+    interval = dask.config.get("daskdl.dashboard.interval", default=f"{UPDATE_MS}ms")
+    add_periodic_callback(doc, page, int(1000 * parse_timedelta(interval, default="ms")))
     doc.title = "Dask: daskdl training"
     doc.add_root(page.root)
     doc.template = env.get_template("simple.html")
@@ -254,7 +259,9 @@ class TrainingPage:
         self.select = Select(title="Training run", options=[], value="", width=420,
                              name="daskdl-run-select")
         self.select.on_change("value", self._on_select)
-        self.summary = Div(text="", width=700, name="daskdl-summary")
+        # fixed sizes: new text never changes the layout (which would redraw every plot)
+        self.summary = Div(text="", width=700, height=56, name="daskdl-summary",
+                           styles={"overflow": "hidden"})
 
         def fig(title, x_label, y_label, **extra):
             f = figure(title=title, **kw, **extra)
@@ -329,7 +336,8 @@ class TrainingPage:
                                                       ("MB received", "@mb_out{0.0}")]))
 
         # per-worker numbers: an HTML table (a few rows), replaced when they change
-        self.table = Div(text="", name="daskdl-worker-table", width=2 * width)
+        self.table = Div(text="", name="daskdl-worker-table", width=2 * width,
+                         height=40 + 24 * 8, styles={"overflow": "auto"})
 
         self.root = column(
             row(self.select, self.summary),
