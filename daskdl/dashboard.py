@@ -493,6 +493,13 @@ class TrainingPage:
                     g_time["loss"].append(ev["loss"])
                 for rank, d in (ev.get("divergence") or {}).items():
                     add(divergence, rank, "clock", ev["clock"], "divergence", d)
+            elif kind == "lost":  # a worker left: no longer behind anyone
+                self._clocks.pop(ev.get("rank"), None)
+                self._stale.pop(ev.get("rank"), None)
+            elif kind == "regroup":  # a new set of workers goes on from ``clock``
+                members = [int(r) for r in (ev.get("members") or {})]
+                self._clocks = {r: int(ev.get("clock", 0)) for r in members}
+                self._stale = {r: v for r, v in self._stale.items() if r in self._clocks}
         if events:
             t = events[-1].get("time", t0) - t0
             for r, v in self._stale.items():  # the step plot reaches the last event

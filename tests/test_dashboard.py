@@ -145,6 +145,30 @@ def test_page_follows_runs_as_they_come_end_and_go():
     assert page.select.options == [] and points(page, "loss-round-rank-0") == 0
 
 
+def test_page_handles_workers_lost_and_regrouped():
+    s = FakeScheduler()
+    plugin = s.extensions["daskdl"] = FakePlugin()
+    run = plugin.runs["a"] = FakeRun("a", 100.0)
+    page = TrainingPage(s)
+    run.round(0)
+    run.history.append({"kind": "arrive", "rank": 0, "clock": 1, "time": 102.0, "loss": 0.5,
+                        "samples": 10, "compute": 0.1, "version": 1, "bytes": 100})
+    page.update()
+    assert page._stale == {0: 0, 1: 1}  # rank 1 is one round behind
+    run.history.append({"kind": "lost", "rank": 1, "worker": "tcp://w1", "time": 103.0,
+                        "reason": "it left"})
+    run.history.append({"kind": "arrive", "rank": 0, "clock": 2, "time": 104.0, "loss": 0.4,
+                        "samples": 10, "compute": 0.1, "version": 2, "bytes": 100})
+    page.update()
+    assert page._stale == {0: 0}  # the lost worker is behind no one
+    run.history.append({"kind": "regroup", "generation": 1, "clock": 3,
+                        "members": {0: "tcp://w0", 2: "tcp://w2"}, "time": 105.0})
+    run.history.append({"kind": "arrive", "rank": 2, "clock": 3, "time": 106.0, "loss": 0.3,
+                        "samples": 10, "compute": 0.1, "version": 3, "bytes": 100})
+    page.update()
+    assert page._stale == {0: 1, 2: 0} and points(page, "loss-round-rank-2") == 1
+
+
 def test_prometheus_collector_registers_once_and_reports_every_number():
     import prometheus_client
 
