@@ -398,9 +398,7 @@ class FitLoop:
             return
         infos = list(self.unreported.values())
         self.unreported.clear()
-        # errors="skip": results kept by a worker that has left are gone; their rounds
-        # are accounted for from the plugin's counts when re-planning
-        got = self.c.gather([i["future"] for i in infos], errors="skip")
+        got = self._gather(infos)
         by_round = {(i["rank"], i["clock"]): i for i in infos}
         for r in sorted(got, key=lambda r: (r["clock"], r["rank"])):
             info = by_round[(r["rank"], r["clock"])]
@@ -419,6 +417,27 @@ class FitLoop:
                 epoch=last["epoch"], round=last["round"], loss=f"{last['loss']:.4f}",
                 samples_s=f"{self.samples_seen / (time.perf_counter() - self.t_fit):.0f}",
                 refresh=False)
+
+    def _gather(self, infos: list) -> list:
+        """Results of finished rounds, never waiting for one that is gone.
+
+        A result kept by a worker that has left is lost (Dask marks its task for
+        recomputation, which a round restricted to that worker never gets): such rounds
+        are skipped here and accounted for from the plugin's counts when re-planning.
+        """
+        ready = [i["future"] for i in infos if i["future"].status == "finished"]
+        try:
+            return self.c.sync(self.c._gather, ready, errors="skip", callback_timeout=30)
+        except TimeoutError:
+            got = []
+            for f in ready:
+                if f.status == "finished":
+                    try:
+                        got.extend(self.c.sync(self.c._gather, [f], errors="skip",
+                                               callback_timeout=2))
+                    except TimeoutError:
+                        pass
+            return got
 
     def _cover(self, segments) -> None:
         for s in segments:

@@ -72,9 +72,24 @@ def digits():
 def pytest_collection_modifyitems(session, config, items):
     """Run the in-process ``gen_cluster`` tests first: they check that no subprocess
     is alive, and the session clusters' worker processes are, once started."""
+    import inspect
+
     def uses_gen_cluster(item):
-        return getattr(item.function, "__wrapped__", None) is not None and \
-            "gen_cluster" in repr(getattr(item.function, "__qualname__", "")) or \
-            item.module.__name__.endswith("test_plugin")
+        """gen_cluster wraps an ``async def`` test in a plain function."""
+        fn = getattr(item, "function", None)
+        inner = inspect.unwrap(fn) if fn is not None else None
+        return inner is not fn and inspect.iscoroutinefunction(inner)
 
     items.sort(key=lambda item: 0 if uses_gen_cluster(item) else 1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_malloc_env():
+    """A nanny sets its pre-spawn environment (Dask's MALLOC_TRIM_THRESHOLD_=65536) in
+    *this* process's os.environ for good; later nannies' workers would inherit it."""
+    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    yield
+    if before is None:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    else:
+        os.environ["MALLOC_TRIM_THRESHOLD_"] = before

@@ -146,10 +146,10 @@ def test_killed_worker_without_nanny_stays_dead_and_the_other_finishes(policy, d
 
 def test_scale_up_and_down_during_training(digits):
     train, test = _split(digits)
-    with cluster_config():
+    with cluster_config():  # also for the nanny that scale() starts later
         cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                dashboard_address=":0")
-    with cluster, Client(cluster, set_as_default=False) as client:
+    with cluster_config(), cluster, Client(cluster, set_as_default=False) as client:
         seen: list = []
 
         def scale_up(r):
@@ -184,7 +184,7 @@ def test_min_workers_pauses_until_workers_come_back(digits):
     with cluster_config():
         cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                dashboard_address=":0")
-    with cluster, Client(cluster, set_as_default=False) as client:
+    with cluster_config(), cluster, Client(cluster, set_as_default=False) as client:
         with _trainer(client, "BSP", min_workers=2) as tr:
             import dask
 
