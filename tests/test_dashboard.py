@@ -229,6 +229,10 @@ async def test_page_and_metrics_on_the_scheduler_http_server(c, s):
     assert len(page.global_loss_round.data["loss"]) == 1
 
 
+def _task_prefixes(dask_scheduler=None):
+    return sorted(dask_scheduler.task_prefixes)
+
+
 def test_trainer_installs_page_and_metrics(client2, digits):
     x, y = digits
     ds = ddl.Dataset.from_arrays(x=x[:512], y=y[:512], chunk_size=128)
@@ -246,6 +250,10 @@ def test_trainer_installs_page_and_metrics(client2, digits):
         assert f'daskdl_run_samples_total{{policy="SSP(s=1)",run="{tr.run}"}} ' \
                f'{float(m["samples"])}' in mine
         assert m["samples"] == sum(h["samples"] for h in tr.history)
+        # the task stream groups tasks by key_split: the rounds show as "daskdl-round"
+        # (a run id of letters only, 1 in 20,000, would show as "daskdl-round-<run>")
+        prefixes = client2.run_on_scheduler(_task_prefixes)
+        assert "daskdl-round" in prefixes or tr.run.isalpha()
         for rank, st in m["ranks"].items():
             assert (f'daskdl_worker_clock{{policy="SSP(s=1)",rank="{rank}",run="{tr.run}",'
                     f'worker="{st["address"]}"}} {float(st["clock"])}') in mine
