@@ -201,6 +201,24 @@ class TrainingPlugin(SchedulerPlugin):
             return self._drop_all(todo, "it left the cluster")
         return None
 
+    def log_event(self, topic: str, msg) -> None:
+        """Dask pausing a worker (memory above ``distributed.worker.memory.pause``) takes it
+        out of the barriers, as if it had left: a paused worker starts no new round, and
+        the others would wait for it until ``daskdl.sync-timeout``.  When it runs again it
+        joins like a new worker."""
+        if not isinstance(msg, dict) or msg.get("action") != "worker-status-change":
+            return
+        if msg.get("status") == "paused":
+            todo = [(st, rank) for st in list(self.runs.values()) if st.aborted is None
+                    for rank, addr in st.members.items() if addr == topic]
+            if todo:
+                asyncio.ensure_future(self._drop_all(
+                    todo, "Dask paused it: its memory is above distributed.worker.memory.pause"))
+        elif msg.get("status") == "running" and msg.get("prev-status") == "paused":
+            for st in list(self.runs.values()):
+                if st.aborted is None:
+                    self._event(st, {"action": "joined", "worker": topic})
+
     async def _drop_all(self, todo: list, reason: str) -> None:
         for st, rank in todo:
             await self._drop(st, rank, reason)

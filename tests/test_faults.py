@@ -312,3 +312,43 @@ def test_kill_the_whole_cluster_and_resume_bit_identical(client2, tmp_path):
             assert tr._epoch == epochs
     for a, b in zip(reference, resumed):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_paused_worker_leaves_the_barriers_and_rejoins_when_it_runs_again(client2, digits):
+    """Dask pauses a worker whose memory is above ``memory.pause``: it starts no new task,
+    so the others would wait for it until the sync timeout.  It is dropped at once and
+    comes back when Dask lets it run again.  The pause is Dask's own: the victim's pause
+    threshold is set below its memory use, then put back."""
+
+    def set_pause(frac, dask_worker=None):
+        old = dask_worker.memory_manager.memory_pause_fraction
+        dask_worker.memory_manager.memory_pause_fraction = frac
+        return old
+
+    train, test = _split(digits)
+    victim = sorted(client2.scheduler_info()["workers"])[-1]
+    seen: list = []
+    state = {}
+
+    def cb(r):
+        seen.append(r)
+        if len(seen) == 12:
+            state["old"] = client2.run(set_pause, 1e-6, workers=[victim])[victim]
+            state["paused_at"] = len(seen)
+        if len(seen) == 40:
+            client2.run(set_pause, state["old"], workers=[victim])
+
+    try:
+        with _trainer(client2, "BSP", sync_timeout=120) as tr:
+            t0 = time.monotonic()
+            tr.fit(train, epochs=12, verbose=False, callbacks=[cb])
+            assert time.monotonic() - t0 < 100  # nobody waited for the sync timeout
+            info = tr.info()
+            lost = [h for h in info["history"] if h["kind"] == "lost"]
+            assert lost and "paused" in lost[0]["reason"] and lost[0]["worker"] == victim
+            assert victim not in [r["worker"] for r in seen[20:36]]  # trained without it
+            assert victim in {r["worker"] for r in seen[50:]}  # and with it again
+            _check_coverage(tr, train, 12)
+    finally:
+        if "old" in state:
+            client2.run(set_pause, state["old"], workers=[victim])
