@@ -194,7 +194,9 @@ def leaves(v):
     return [np.full((2, 3), v, np.float32), np.full(4, v, np.float32)]
 
 
-@gen_cluster(client=True, nthreads=[], scheduler_kwargs={"dashboard": True})
+# no worker processes here: the check for leaked processes would only catch other tests'
+@gen_cluster(client=True, nthreads=[], scheduler_kwargs={"dashboard": True},
+             clean_kwargs={"processes": False})
 async def test_page_and_metrics_on_the_scheduler_http_server(c, s):
     from tornado.httpclient import AsyncHTTPClient
 
