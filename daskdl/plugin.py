@@ -281,8 +281,8 @@ class TrainingPlugin(SchedulerPlugin):
         leaves = list(_load(params))
         policy = _load(policy)
         old = self.runs.get(run)
-        if old is not None:
-            self._abort(old, "the run was restarted")
+        if old is not None:  # the same trainer's next fit
+            self._abort(old, "the run was restarted", log=False)
             if old.checkpoints is not None:
                 old.checkpoints.close()
         members = {int(k): v for k, v in members.items()}

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from distributed import get_worker, rejoin, secede
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.metrics import context_meter
 from distributed.protocol.serialize import to_serialize
 from distributed.utils import sync
 
@@ -261,7 +262,8 @@ class Replica(WorkerPlugin):
             self.need_pull = False
         if "zarr" in spec:
             blocks = self._read_chunks(spec)
-        batches = self.gather_batches(spec, blocks)
+        with context_meter.meter("daskdl-data"):
+            batches = self.gather_batches(spec, blocks)
         t_data = time.perf_counter()
         cache_before = self.train_steps._cache_size()
         state, (losses, aux) = self.train_steps(self.state, batches)  # dispatched, not done
@@ -296,11 +298,14 @@ class Replica(WorkerPlugin):
         # barrier must never wait on a task queued behind it.
         secede()
         try:
-            reply = self._call("daskdl_sync", run=self.run, rank=spec["rank"],
-                               clock=spec["clock"], params=to_serialize(leaves),
-                               samples=samples, version=self.version,
-                               loss=float(losses.mean()), compute=t_compute - t_data,
-                               gen=spec.get("gen", 0), opt_state=opt_state)
+            # shows up in Dask's fine performance metrics (dashboard "Fine Performance
+            # Metrics", prefix daskdl-round) as the activity "daskdl-sync"
+            with context_meter.meter("daskdl-sync"):
+                reply = self._call("daskdl_sync", run=self.run, rank=spec["rank"],
+                                   clock=spec["clock"], params=to_serialize(leaves),
+                                   samples=samples, version=self.version,
+                                   loss=float(losses.mean()), compute=t_compute - t_data,
+                                   gen=spec.get("gen", 0), opt_state=opt_state)
         finally:
             rejoin()
         status = reply.get("status")

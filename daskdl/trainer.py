@@ -21,6 +21,7 @@ from distributed import Client, Future, default_client
 from distributed.client import _wait as _wait_futures
 
 from . import config
+from .dashboard import DashboardPlugin
 from .data import Dataset
 from .errors import DaskDLError, SyncAborted
 from .plan import make_plan
@@ -213,7 +214,7 @@ class Trainer:
         """
         c = self.client
         c.register_plugin(TrainingPlugin(), name=TrainingPlugin.name)
-        c.register_plugin(__import__("daskdl.dashboard").dashboard.DashboardPlugin())
+        c.register_plugin(DashboardPlugin())
         c.register_plugin(WorkerEnvironment(core_slots(_worker_info(c))))
         c.register_plugin(Replica(self.run, self.loss_fn, self.optimizer, self._treedef,
                                   self.seed), name=replica_name(self.run))

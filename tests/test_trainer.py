@@ -327,3 +327,24 @@ def test_html_reprs(client2, digits, tmp_path):
         html = tr._repr_html_()
     assert "SSP(s=1), every 4" in html and "1 epochs, last loss" in html
     assert "<td>workers</td><td>2</td>" in html
+
+
+def test_barrier_time_shows_in_dask_fine_performance_metrics(client2, digits):
+    import time
+
+    x, y = digits
+    with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                     policy=ddl.BSP(every=4), batch_size=32, client=client2) as tr:
+        tr.fit(ddl.Dataset.from_arrays(x=x, y=y), epochs=1, verbose=False)
+
+    def metrics(dask_scheduler=None):
+        return {k[2]: v for k, v in dask_scheduler.cumulative_worker_metrics.items()
+                if len(k) == 4 and k[:2] == ("execute", "daskdl-round") and k[3] == "seconds"}
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # workers report with their heartbeats
+        got = client2.run_on_scheduler(metrics)
+        if got.get("daskdl-sync", 0) > 0 and got.get("daskdl-data", 0) > 0:
+            break
+        time.sleep(0.5)
+    assert got.get("daskdl-sync", 0) > 0 and got.get("daskdl-data", 0) > 0, got
