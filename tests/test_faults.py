@@ -34,7 +34,10 @@ def _policy(name):
 
 
 def _trainer(client, policy, **kw):
-    return ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+    # the learning rate decays to 0 over about EPOCHS epochs of one of two workers'
+    # steps, so that the end point does not depend on when a fault happened
+    lr = optax.cosine_decay_schedule(3e-3, decay_steps=EPOCHS * 22)
+    return ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(lr),
                        policy=_policy(policy), batch_size=32, client=client, seed=0, **kw)
 
 
@@ -47,6 +50,15 @@ def _check_coverage(tr, train, epochs):
         assert all(cov[c] <= chunks[c] for c in cov), (e, cov)
         # fewer than (re-plans + 1) * workers * batch_size samples left out
         assert sum(cov.values()) >= sum(chunks) - 6 * 2 * 32
+
+
+def _close_to(acc, reference, policy):
+    """A fault costs at most one point of test accuracy.  Group policies (BSP, DiLoCo)
+    also land within one point above; Async and SSP merge in arrival order, so a run
+    with a fault may also end up better by chance (seen: Async 0.972 vs 0.955)."""
+    assert acc >= reference - 0.01 - 1e-9, (policy, acc, reference)
+    if policy in ("BSP", "DiLoCo"):
+        assert acc <= reference + 0.01 + 1e-9, (policy, acc, reference)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +116,7 @@ def test_killed_worker_with_nanny_training_goes_on(policy, digits, no_fault_accu
         workers_used = {r["worker"] for r in rounds}
         assert state["killed"][0] in workers_used and len(workers_used) == 3
         _check_coverage(tr, train, EPOCHS)
-        assert acc >= no_fault_accuracy[policy] - 0.01 - 1e-9, (acc, no_fault_accuracy)
+        _close_to(acc, no_fault_accuracy[policy], policy)
 
 
 def _workers_without_nanny(address: str, n: int) -> list:
@@ -137,7 +149,7 @@ def test_killed_worker_without_nanny_stays_dead_and_the_other_finishes(policy, d
             late = [r for r in rounds if r["clock"] > max(x["clock"] for x in rounds) - 10]
             assert {r["worker"] for r in late} == set(info["members"].values())
             _check_coverage(tr, train, EPOCHS)
-            assert acc >= no_fault_accuracy[policy] - 0.01 - 1e-9, (acc, no_fault_accuracy)
+            _close_to(acc, no_fault_accuracy[policy], policy)
     finally:
         for p in procs:
             p.kill()
