@@ -91,6 +91,7 @@ class RunState:
         self.strikes: dict[int, int] = {}  # rank -> rejected updates in a row
         self.max_rejections = int(config.get("max-rejections"))
         self.loss: float | None = None  # sample-weighted loss of the last merge
+        self.divergence_at = -1e9  # when divergence was last computed (monotonic)
         self.started = time.time()
         self.ended: float | None = None
         self.stats = {rank: _rank_stats(addr) for rank, addr in self.members.items()}
@@ -515,12 +516,22 @@ class TrainingPlugin(SchedulerPlugin):
             st.done[c.rank] = max(st.done.get(c.rank, 0), clock + 1)
         # divergence of each contributor from the new global params (policies sending
         # deltas: the size of the delta, i.e. how far it moved from its starting point)
+        # (at most once a second per run: it reads every byte of every contribution, on
+        # the scheduler's event loop, and a dashboard needs no more)
         divergence = {}
-        for c in contributions:
-            ref = st.leaves if st.policy.sends == "params" else [np.zeros_like(x) for x in c.leaves]
-            divergence[c.rank] = _norm_of_difference(c.leaves, ref)
-            if c.rank in st.stats:
-                st.stats[c.rank]["divergence"] = divergence[c.rank]
+        now = time.monotonic()
+        if now - st.divergence_at >= 1.0:
+            st.divergence_at = now
+            for c in contributions:
+                if st.policy.sends == "params":
+                    same = all(a is b for a, b in zip(c.leaves, st.leaves))
+                    divergence[c.rank] = 0.0 if same else _norm_of_difference(c.leaves,
+                                                                              st.leaves)
+                else:
+                    divergence[c.rank] = _norm_of_difference(
+                        c.leaves, [np.zeros_like(x) for x in c.leaves])
+                if c.rank in st.stats:
+                    st.stats[c.rank]["divergence"] = divergence[c.rank]
         weighted = [(c.loss, c.samples) for c in contributions if c.loss is not None]
         if weighted:
             st.loss = sum(lo * n for lo, n in weighted) / max(sum(n for _, n in weighted), 1)
