@@ -34,6 +34,7 @@ import concurrent.futures
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -227,7 +228,13 @@ def _prune(store, keep: int) -> None:
 
 class CheckpointWriter:
     """Writes checkpoints in a background thread so that training never waits for
-    the disk; the caller only pays for copying the arrays (``blocked_s``)."""
+    the disk; the caller only pays for copying the arrays (``blocked_s``).
+
+    One write runs at a time and at most one snapshot waits for it: when checkpoints
+    come faster than the disk takes them, the newest waiting one replaces the older
+    (counted in ``skipped``), so memory and CPU stay bounded and the last state of a
+    ``fit`` is always written.
+    """
 
     def __init__(self, store, keep: int = 3):
         self.store = store
@@ -236,8 +243,11 @@ class CheckpointWriter:
         self.blocked_s = 0.0
         self.write_s = 0.0
         self.errors: list[str] = []
+        self.skipped = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "daskdl-checkpoint")
         self._futures: list = []
+        self._queued = None  # at most one snapshot waits for the writer
+        self._lock = threading.Lock()
 
     def submit(self, clock: int, version: int, params: list, policy_state: list,
                opt_states: dict, local_params: dict, meta: dict) -> None:
@@ -246,8 +256,18 @@ class CheckpointWriter:
         opts = {r: [np.asarray(x) for x in v] for r, v in opt_states.items()}
         local = {r: [np.array(x, copy=True) for x in v] for r, v in local_params.items()}
         self._futures = [f for f in self._futures if not f.done()]
-        self._futures.append(self._pool.submit(self._write, clock, copy, pol, opts, local,
-                                               dict(meta, version=int(version))))
+        job = (clock, copy, pol, opts, local, dict(meta, version=int(version)))
+        with self._lock:
+            if self._queued is not None:  # the disk is slower than the checkpoints:
+                self.skipped += 1  # the newest state replaces the one still waiting
+            self._queued = job
+        self._futures.append(self._pool.submit(self._write_queued))
+
+    def _write_queued(self) -> None:
+        with self._lock:
+            job, self._queued = self._queued, None
+        if job is not None:
+            self._write(*job)
 
     def _write(self, clock, params, pol, opts, local, meta) -> None:
         t0 = time.perf_counter()

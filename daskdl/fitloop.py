@@ -167,9 +167,12 @@ class FitLoop:
                     self.queue[rank].append((i, k, en.start + k))
                 self.outstanding[en.label] += len(self.members)
             if self.t.checkpoint is not None:
+                last = i == len(self.entries) - 1
                 for k in range(en.first + 1, en.plan.rounds + 1):
                     K = en.start + k
-                    if k == en.plan.rounds or (every_ckpt and K % every_ckpt == 0):
+                    epoch_end = k == en.plan.rounds
+                    if (every_ckpt and K % every_ckpt == 0) or (
+                            epoch_end and (not every_ckpt or last)):
                         self.ckpt_clocks[K] = (i, k)
         total = sum(len(q) for q in self.queue.values())
         self.bar.total = self.bar.n + total

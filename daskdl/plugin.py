@@ -123,6 +123,7 @@ class RunState:
             "checkpoints": 0 if ck is None else ck.written,
             "checkpoint_blocked_s": 0.0 if ck is None else ck.blocked_s,
             "checkpoint_write_s": 0.0 if ck is None else ck.write_s,
+            "checkpoints_skipped": 0 if ck is None else ck.skipped,
         }
 
     def info(self) -> dict:

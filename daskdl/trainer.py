@@ -90,8 +90,8 @@ class Trainer:
         versioned Zarr groups written atomically by the scheduler in the background
         (see :mod:`daskdl.checkpoint`); ``fit(..., resume=True)`` continues from
         the newest readable one.
-    checkpoint_every : rounds between checkpoints; ``None``: at the end of every epoch
-        (there is always one at the end of an epoch).
+    checkpoint_every : rounds between checkpoints (and one at the end of ``fit``);
+        ``None``: at the end of every epoch.
 
     Examples
     --------

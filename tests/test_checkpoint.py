@@ -67,8 +67,9 @@ def test_writer_keeps_the_newest_and_reports_errors(tmp_path):
     for clock in (1, 2, 3, 4):
         w.submit(clock, clock, [np.full(4, clock, np.float32)], [], {0: [np.zeros(1)]}, {},
                  {"epoch": 0})
-    assert w.close() == [] and w.written == 4
-    assert list_checkpoints(root) == ["ckpt-000000003", "ckpt-000000004"]
+    assert w.close() == [] and w.written + w.skipped == 4 and w.written >= 1
+    assert list_checkpoints(root)[-1] == "ckpt-000000004"  # the newest is always written
+    assert len(list_checkpoints(root)) <= 2
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     w = CheckpointWriter(str(blocked), keep=2)
