@@ -21,7 +21,8 @@ ended ones can be chosen; by default the newest running one is followed):
   now and over time;
 - fraction of time computing vs waiting in barriers, per worker;
 - samples/s of the whole run over time;
-- divergence ``||theta_i - theta_global||`` of each worker at each sync;
+- divergence ``||theta_i - theta_global||`` of each worker at a sync (the plugin
+  measures it at most once a second per run);
 - bytes synced per worker (to and from the scheduler);
 - a table with every per-worker number.
 """
@@ -274,7 +275,7 @@ class TrainingPage:
                                   "seconds since the run started", "rounds")
         self.rate = fig("Samples/s (all workers)", "seconds since the run started",
                         "samples/s")
-        self.divergence = fig("Divergence from the global parameters at each sync",
+        self.divergence = fig("Divergence from the global parameters at a sync",
                               "round", "||θᵢ − θ||")
 
         self.global_loss_round = ColumnDataSource({"clock": [], "loss": []},
