@@ -50,8 +50,10 @@ RUN_METRICS = [
     ("run_samples_per_second", "gauge", "Samples per second since the run started",
      "samples_per_s"),
     ("run_loss", "gauge", "Sample-weighted training loss of the last merge", "loss"),
-    ("run_rejected_updates", "counter", "Worker updates refused (wrong shape or dtype)",
-     "rejected"),
+    ("run_rejected_updates", "counter",
+     "Worker updates refused (NaN/Inf, wrong shape, dtype or tree structure)", "rejected"),
+    ("run_generation", "gauge", "Re-plans so far: workers left or joined", "generation"),
+    ("run_checkpoints", "counter", "Checkpoints written", "checkpoints"),
     ("run_merge_seconds", "counter", "Seconds the scheduler spent merging", "merge_seconds"),
 ]
 WORKER_METRICS = [
