@@ -4,18 +4,24 @@
 (name ``"daskdl"``).  It keeps one :class:`RunState` per training run and
 serves these handlers (called by replicas and by the client)::
 
-    daskdl_start(run, params, policy, members, timeout)   start or restart a run
-    daskdl_sync(run, rank, clock, params, samples, version, loss)
-                                                            a worker's end of round
-    daskdl_params(run)                                      global params and version
-    daskdl_abort(run, reason)                               fail every waiting worker
-    daskdl_info(run)                                        clocks, version, history
-    daskdl_end(run)                                         forget the run
+    daskdl_start(run, params, policy, members, timeout, ...)   start or restart a run
+    daskdl_sync(run, rank, clock, params, samples, version, loss, compute, gen, opt_state)
+                                                     a worker's end of round
+    daskdl_params(run, rank)                         global params and version (and a
+                                                     rank's state restored from a checkpoint)
+    daskdl_freeze(run) / daskdl_regroup(run, members, clock)
+                                                     end a generation / start the next
+    daskdl_checkpoint_meta(run, clock, meta)         what the client adds to a checkpoint
+    daskdl_checkpoint_flush(run)                     wait for queued checkpoint writes
+    daskdl_abort(run, reason)                        fail every waiting worker
+    daskdl_info(run)                                 clocks, version, history, metrics
+    daskdl_end(run)                                  end the run (kept for dashboards)
 
 Waiting in a barrier is an ``await`` on the scheduler's event loop, with a
-timeout (``daskdl.sync-timeout``) after which the run is aborted, so a failing
-worker can never leave the others blocked.  Merges run in a thread, off the
-event loop.
+timeout (``daskdl.sync-timeout``) after which the workers waited for count as
+lost, so a failing worker can never leave the others blocked.  Workers that
+leave the cluster, or that Dask pauses for memory, are dropped from the barriers
+at once.  Large merges run in a thread, off the event loop.
 
 Like ``distributed.Variable``, the parameters travel through the scheduler:
 each synchronisation sends every worker's parameters to the scheduler and the

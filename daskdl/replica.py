@@ -11,8 +11,12 @@
    policy's answer, and continue from the parameters it returns, keeping the
    local optimizer state.
 
-A round whose loss or parameters are not finite never reaches the global
-parameters: the replica aborts the run and raises :class:`TrainingDiverged`.
+A round's update is sent even when it is not finite: the scheduler plugin
+rejects it before it touches the global parameters and the replica starts again
+from those, with a fresh optimizer state (``TrainingDiverged`` after
+``daskdl.max-rejections`` in a row).  A round answered ``replan`` (the workers
+changed while it ran) is discarded: the replica puts back its state from before
+the round and raises :class:`~daskdl.errors.RoundDiscarded`, which ``fit`` expects.
 """
 
 from __future__ import annotations
