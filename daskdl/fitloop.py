@@ -386,7 +386,14 @@ class FitLoop:
             return True
         if fut.status == "cancelled":
             return False
-        exc = fut.exception()
+        if fut.status != "error":  # lost: its worker left with the task or its result
+            self.changed.set()
+            return False
+        try:
+            exc = fut.exception(timeout=10)
+        except TimeoutError:  # it went back to waiting meanwhile (its worker left)
+            self.changed.set()
+            return False
         from distributed.scheduler import KilledWorker
 
         if isinstance(exc, (RoundDiscarded, KilledWorker)) or (

@@ -356,10 +356,21 @@ def test_a_paused_worker_leaves_the_barriers_and_rejoins_when_it_runs_again(clie
             tr.fit(train, epochs=12, verbose=False, callbacks=[cb])
             assert time.monotonic() - t0 < 100  # nobody waited for the sync timeout
             info = tr.info()
-            lost = [h for h in info["history"] if h["kind"] == "lost"]
+            history = info["history"]
+            lost = [h for h in history if h["kind"] == "lost"]
             assert lost and "paused" in lost[0]["reason"] and lost[0]["worker"] == victim
-            assert victim not in [r["worker"] for r in seen[20:36]]  # trained without it
-            assert victim in {r["worker"] for r in seen[50:]}  # and with it again
+            regroups = [h for h in history if h["kind"] == "regroup"]
+            without = next(h for h in regroups if victim not in h["members"].values())
+            back = next(h for h in regroups if h["time"] > without["time"]
+                        and victim in h["members"].values())
+            rank_of = {}
+            for h in history:  # ranks change with generations: follow them in order
+                if h["kind"] == "regroup":
+                    rank_of = {r: a for r, a in h["members"].items()}
+                if h["kind"] == "arrive" and without["time"] < h["time"] < back["time"]:
+                    assert rank_of.get(h["rank"]) != victim  # trained without it
+            assert any(h["kind"] == "arrive" and h["time"] > back["time"]
+                       and back["members"].get(h["rank"]) == victim for h in history)
             _check_coverage(tr, train, 12)
     finally:
         if "old" in state:
