@@ -1,7 +1,7 @@
 """daskdl: data-parallel deep learning with JAX on Dask clusters."""
 
 from . import config as _config  # noqa: F401  (loads the daskdl defaults)
-from .codecs import ChunkAuthenticationError
+from .encryption import ChunkAuthenticationError
 from .dashboard import DashboardPlugin
 from .data import Dataset
 from .errors import DaskDLError, DatasetError, SyncAborted, TrainingDiverged

@@ -169,7 +169,7 @@ class Dataset:
         """
         import zarr
 
-        from .codecs import ATTR, EncryptedStore, open_key
+        from .encryption import ATTR, EncryptedStore, open_key
 
         try:
             group = zarr.open_group(store, mode="r")
@@ -362,7 +362,7 @@ class Dataset:
             faster to read, larger), ``"blosc"`` (Blosc zstd with shuffle), ``"gzip"``,
             ``None``, or a Zarr v3 codec object.
         key : 32 random bytes or a passphrase: encrypt every chunk with AES-256-GCM
-            bound to its place in the store (see :mod:`daskdl.codecs`).  The key is not
+            bound to its place in the store (see :mod:`daskdl.encryption`).  The key is not
             stored; keep it to read the data again with ``from_zarr(..., key=...)``.
         overwrite : replace an existing store at ``path_or_store``.
         client : the Dask client whose workers compute and write the chunks; ``None``
@@ -380,7 +380,7 @@ class Dataset:
         import zarr
         from zarr.storage import LocalStore
 
-        from .codecs import ATTR, EncryptedStore, new_encryption_attrs
+        from .encryption import ATTR, EncryptedStore, new_encryption_attrs
 
         local = isinstance(path_or_store, (str, os.PathLike)) and "://" not in str(path_or_store)
         if local:

@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 import daskdl as ddl
-from daskdl.codecs import ChunkAuthenticationError
+from daskdl.encryption import ChunkAuthenticationError
 from daskdl.errors import DaskDLError, DatasetError
 
 
