@@ -1,0 +1,370 @@
+"""The messages of daskdl's training protocol, typed, and their validation.
+
+Every side speaks through the names and types defined here: the client's fit loop
+(:mod:`daskdl.fitloop`), the replicas on the workers (:mod:`daskdl.replica`), the
+scheduler plugin (:mod:`daskdl.scheduler`), the dashboard and Prometheus.
+
+Handlers the scheduler plugin serves (``HANDLERS``) and who calls them::
+
+    daskdl_start            client    start (or restart) a run          needs the run secret
+    daskdl_sync             replica   end of a round: SyncRequest        needs the run secret
+    daskdl_params           replica   global params (+ restored state)   needs the run secret
+    daskdl_freeze           client    end a generation                   needs the run secret
+    daskdl_regroup          client    start the next generation          needs the run secret
+    daskdl_checkpoint_meta  client    data position of a checkpoint      needs the run secret
+    daskdl_checkpoint_flush client    wait for checkpoint writes         needs the run secret
+    daskdl_abort            client    fail every waiting worker          needs the run secret
+    daskdl_end              client    end the run                        needs the run secret
+    daskdl_info             anyone    clocks, version, history (read only)
+    daskdl_locations        client    which worker holds each key (read only)
+
+Messages travel as plain dicts (Dask's RPC); the classes here are built from them
+with ``from_msg``, which checks every field's type and range and raises
+:class:`ProtocolError` naming the field.  Nothing a handler does changes state
+before its message parsed.  Replies always carry ``status`` (a :class:`Status`
+value); a refused message is answered ``refused`` with a ``reason``.
+
+The **run secret** is made by the client for each trainer, given to the run's
+replicas inside their worker plugin, and checked by the scheduler plugin with a
+constant-time comparison.  It is never logged, shown in a repr, on the dashboard or
+in ``/metrics``.  It protects a run against mistakes and stray clients of the same
+cluster; it is no defence against code that runs on the scheduler itself (which
+Dask lets any client do unless ``distributed.scheduler.blocked-handlers`` says no).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hmac
+import math
+import secrets as _secrets
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import DaskDLError
+
+EXTENSION = "daskdl"  # scheduler.extensions key and plugin name of the training plugin
+DASHBOARD_EXTENSION = "daskdl-dashboard"
+
+START = "daskdl_start"
+SYNC = "daskdl_sync"
+PARAMS = "daskdl_params"
+FREEZE = "daskdl_freeze"
+REGROUP = "daskdl_regroup"
+CHECKPOINT_META = "daskdl_checkpoint_meta"
+CHECKPOINT_FLUSH = "daskdl_checkpoint_flush"
+ABORT = "daskdl_abort"
+INFO = "daskdl_info"
+END = "daskdl_end"
+LOCATIONS = "daskdl_locations"
+HANDLERS = (START, SYNC, PARAMS, FREEZE, REGROUP, CHECKPOINT_META, CHECKPOINT_FLUSH,
+            ABORT, INFO, END, LOCATIONS)
+
+ROUND_PREFIX = "daskdl-round"  # task keys and the task-stream group of rounds
+
+
+def event_topic(run: str) -> str:
+    """The scheduler event topic on which a run's client hears of membership changes."""
+    return f"daskdl-{run}"
+
+
+class ProtocolError(DaskDLError, ValueError):
+    """A message does not follow the protocol (wrong type, missing field, out of range,
+    wrong secret, unknown run).  The scheduler answers it ``refused``; nothing changed."""
+
+
+class Status(str, enum.Enum):
+    """What a handler answers (``reply["status"]``)."""
+
+    OK = "OK"
+    REJECTED = "rejected"  # the update was bad (not finite, wrong shapes): start again
+    REPLAN = "replan"  # the generation changed: the round is discarded
+    ABORTED = "aborted"  # the run stopped
+    REFUSED = "refused"  # the message itself was refused: nothing changed
+
+
+class LeaveReason(str, enum.Enum):
+    """Why a worker left a generation (``MemberEvent.reason``)."""
+
+    LEFT = "left"  # it left the cluster
+    PAUSED = "paused"  # Dask paused it for memory
+    TIMED_OUT = "timed-out"  # it sent nothing for daskdl.sync-timeout while others waited
+
+
+def new_secret() -> str:
+    """An unguessable run secret (128 bits, hex)."""
+    return _secrets.token_hex(16)
+
+
+def same_secret(given, expected: str) -> bool:
+    """Constant-time comparison; False for anything that is not a string."""
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+# -- field checks ------------------------------------------------------------------------
+def _int(msg: Mapping, name: str, lo: int = 0, hi: int = 2**62, default=...) -> int:
+    v = msg.get(name, default)
+    if v is ...:
+        raise ProtocolError(f"missing field {name!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ProtocolError(f"field {name!r} must be an integer, got {type(v).__name__}")
+    if not lo <= int(v) <= hi:
+        raise ProtocolError(f"field {name!r} = {int(v)} is outside [{lo}, {hi}]")
+    return int(v)
+
+
+def _float(msg: Mapping, name: str, default=..., allow_none: bool = False,
+           lo: float = -math.inf, hi: float = math.inf) -> float | None:
+    v = msg.get(name, default)
+    if v is ...:
+        raise ProtocolError(f"missing field {name!r}")
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ProtocolError(f"field {name!r} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v) and allow_none:
+        return None
+    if not lo <= v <= hi:
+        raise ProtocolError(f"field {name!r} = {v!r} is outside [{lo}, {hi}]")
+    return v
+
+
+def _str(msg: Mapping, name: str, max_len: int = 256, default=...) -> str:
+    v = msg.get(name, default)
+    if v is ...:
+        raise ProtocolError(f"missing field {name!r}")
+    if not isinstance(v, str) or not v or len(v) > max_len:
+        raise ProtocolError(f"field {name!r} must be a non-empty string of at most "
+                            f"{max_len} characters")
+    return v
+
+
+def run_id(msg: Mapping) -> str:
+    """The ``run`` field of any message."""
+    return _str(msg, "run", 64)
+
+
+def members_field(msg: Mapping, name: str = "members") -> dict[int, str]:
+    """``{rank: worker address}`` with ranks ``0..W-1``, distinct addresses."""
+    v = msg.get(name)
+    if not isinstance(v, Mapping) or not v or len(v) > 100_000:
+        raise ProtocolError(f"field {name!r} must be a non-empty mapping rank -> address")
+    out = {}
+    for k, a in v.items():
+        try:
+            rank = int(k)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"field {name!r}: rank {k!r} is not an integer") from None
+        if not isinstance(a, str) or not a:
+            raise ProtocolError(f"field {name!r}: address of rank {rank} must be a string")
+        out[rank] = a
+    if sorted(out) != list(range(len(out))) or len(set(out.values())) != len(out):
+        raise ProtocolError(f"field {name!r} must map ranks 0..{len(out) - 1} to distinct "
+                            "addresses")
+    return out
+
+
+def clocks_field(msg: Mapping, name: str, limit: int = 1_000_000) -> frozenset:
+    v = msg.get(name, ())
+    if v is None:
+        return frozenset()
+    if not isinstance(v, (list, tuple, set, frozenset)) or len(v) > limit:
+        raise ProtocolError(f"field {name!r} must be a list of at most {limit} clocks")
+    return frozenset(_int({"c": c}, "c") for c in v)
+
+
+# -- payloads ------------------------------------------------------------------------------
+def payload_nbytes(obj) -> int:
+    """Bytes of a payload as it arrived, without deserializing it (``Serialized``
+    frames over TCP; a list of arrays in process)."""
+    from distributed.protocol.serialize import Serialized
+
+    if isinstance(obj, Serialized):
+        return sum(memoryview(f).nbytes for f in obj.frames)
+    if isinstance(obj, (list, tuple)):
+        return sum(getattr(x, "nbytes", 0) for x in obj)
+    return 0
+
+
+def load(obj, limit: int | None = None, what: str = "payload"):
+    """Deserialize a payload wrapped in ``to_serialize`` (``Serialized`` over TCP).
+
+    With ``limit``, a payload larger than ``limit`` bytes is refused before it is
+    deserialized.
+    """
+    from distributed.protocol.serialize import Serialized, merge_and_deserialize
+
+    if limit is not None and payload_nbytes(obj) > limit:
+        raise ProtocolError(f"{what} of {payload_nbytes(obj)} bytes is larger than the "
+                            f"{limit} bytes expected")
+    if isinstance(obj, Serialized):
+        try:
+            return merge_and_deserialize(obj.header, obj.frames)
+        except Exception as e:
+            raise ProtocolError(f"{what} cannot be deserialized: {type(e).__name__}") from None
+    return obj
+
+
+def leaves_field(obj, expected_nbytes: int, what: str) -> list:
+    """A list of numpy arrays, at most ``expected_nbytes`` (+ framing) before loading."""
+    leaves = load(obj, limit=expected_nbytes + 64 * 1024, what=what)
+    if not isinstance(leaves, (list, tuple)) or not all(isinstance(x, np.ndarray)
+                                                          for x in leaves):
+        raise ProtocolError(f"{what} must be a list of numpy arrays")
+    return list(leaves)
+
+
+# -- messages -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyncRequest:
+    """A replica's end of round ``clock`` (handler ``daskdl_sync``).
+
+    ``params`` stays as it arrived (possibly still serialized): the plugin checks its
+    size against the model's before loading it.
+    """
+
+    run: str
+    rank: int
+    clock: int
+    gen: int
+    samples: int
+    version: int
+    params: Any = field(repr=False)
+    loss: float | None = None
+    compute: float = 0.0
+    opt_state: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_msg(cls, msg: Mapping) -> "SyncRequest":
+        return cls(run=run_id(msg), rank=_int(msg, "rank", 0, 1_000_000),
+                   clock=_int(msg, "clock"), gen=_int(msg, "gen", 0, 2**31, default=0),
+                   samples=_int(msg, "samples", 0), version=_int(msg, "version", -1),
+                   params=msg.get("params"),
+                   loss=_float(msg, "loss", None, allow_none=True),
+                   compute=_float(msg, "compute", 0.0, lo=0.0, hi=1e9),
+                   opt_state=msg.get("opt_state"))
+
+    def to_msg(self, secret: str) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["secret"] = secret
+        return d
+
+
+@dataclass(frozen=True)
+class SyncReply:
+    """The plugin's answer to a :class:`SyncRequest`.
+
+    ``params`` is what the worker continues from; ``None`` with status OK means
+    "continue from what you sent" (no bytes back).  ``reset`` asks for a fresh
+    optimizer state (after a rejected update).
+    """
+
+    status: Status
+    version: int = -1
+    params: Any = field(default=None, repr=False)
+    waited: float = 0.0
+    reason: str = ""
+    diverged: bool = False
+
+    def to_msg(self) -> dict:
+        d = {"status": self.status.value, "version": self.version, "waited": self.waited,
+             "reason": self.reason, "diverged": self.diverged}
+        if self.params is not None:
+            from distributed.protocol.serialize import to_serialize
+
+            d["params"] = to_serialize(self.params)
+        return d
+
+    @classmethod
+    def from_msg(cls, msg: Mapping) -> "SyncReply":
+        return cls(status=Status(msg["status"]), version=int(msg.get("version", -1)),
+                   params=load(msg["params"]) if msg.get("params") is not None else None,
+                   waited=float(msg.get("waited", 0.0)), reason=str(msg.get("reason", "")),
+                   diverged=bool(msg.get("diverged", False)))
+
+
+def refused(reason: str) -> dict:
+    """The reply to a message that was refused (nothing changed)."""
+    return {"status": Status.REFUSED.value, "reason": str(reason)}
+
+
+def ok(**fields) -> dict:
+    return {"status": Status.OK.value, **fields}
+
+
+@dataclass(frozen=True)
+class MemberEvent:
+    """A membership change, published on :func:`event_topic` for the run's client."""
+
+    action: str  # "lost" or "joined"
+    worker: str
+    rank: int = -1
+    reason: LeaveReason | None = None
+    detail: str = ""
+
+    def to_msg(self, run: str) -> dict:
+        return {"action": self.action, "worker": self.worker, "rank": self.rank,
+                "reason": None if self.reason is None else self.reason.value,
+                "detail": self.detail, "run": run}
+
+    @classmethod
+    def from_msg(cls, msg: Mapping) -> "MemberEvent":
+        reason = msg.get("reason")
+        return cls(action=str(msg.get("action")), worker=str(msg.get("worker")),
+                   rank=int(msg.get("rank", -1)),
+                   reason=None if reason is None else LeaveReason(reason),
+                   detail=str(msg.get("detail", "")))
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection for tests and benchmarks (config ``daskdl.testing``), never
+    set otherwise: ``slowdown`` makes the round's compute that many times slower
+    (a straggler), ``send_nan`` replaces the update by NaN."""
+
+    slowdown: float = 1.0
+    send_nan: bool = False
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What one ``daskdl-round-...`` task runs (it travels in the task, so it holds
+    nothing secret).
+
+    ``segments`` are ``(chunk, start, stop, permutation epoch)`` in the plan's order;
+    ``chunks`` the distinct chunks the round reads (the task's data arguments follow
+    that order, one block per name); ``source`` reads chunks on the worker itself
+    (Zarr), with ``next_chunks`` to prefetch.
+    """
+
+    run: str
+    fit: int
+    gen: int
+    epoch: int
+    round: int
+    rank: int
+    clock: int
+    first_clock: int
+    steps: int
+    batch_size: int
+    segments: tuple
+    chunks: tuple
+    names: tuple
+    timeout: float
+    sends: str = "params"
+    checkpoint: bool = False
+    source: Any = None
+    next_chunks: tuple = ()
+    faults: Faults | None = None
+
+    @property
+    def samples(self) -> int:
+        return self.steps * self.batch_size
+
+    @property
+    def where(self) -> str:
+        return f"round {self.round} of epoch {self.epoch}"
