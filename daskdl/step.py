@@ -45,8 +45,12 @@ def split_loss_output(out) -> tuple[jax.Array, dict]:
     return loss, aux
 
 
-def make_train_steps(loss_fn: Callable, optimizer: optax.GradientTransformation):
+def make_train_steps(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                     on_trace: Callable[[], None] | None = None):
     """Return ``train_steps(state, batches) -> (state, (losses, metrics))``, jitted.
+
+    ``on_trace`` is called each time JAX traces (and so compiles) the function: once
+    per distinct batch shape.
 
     ``batches`` is a dict of arrays with a leading axis of K steps; the K steps run
     in one compiled ``lax.scan``.  ``losses`` has shape ``(K,)``.
@@ -65,6 +69,8 @@ def make_train_steps(loss_fn: Callable, optimizer: optax.GradientTransformation)
 
     @jax.jit
     def train_steps(state: TrainState, batches):
+        if on_trace is not None:
+            on_trace()  # runs while tracing only, never in the compiled program
         return jax.lax.scan(one_step, state, batches)
 
     return train_steps

@@ -17,20 +17,20 @@ import jax
 import numpy as np
 import optax
 from dask.base import tokenize
-from distributed import Client, Future, default_client
-from distributed.client import _wait as _wait_futures
+from distributed import Client, default_client
 
-from . import config
+from . import config, protocol, sources
 from .dashboard import DashboardPlugin
 from .data import Dataset
 from .errors import DaskDLError, SyncAborted
+from .fitloop import FitConfig, FitLoop, FitResult, FitStart
 from .plan import make_plan
-from .plugin import TrainingPlugin, _load
 from .policies import Policy, from_config
 from .replica import Replica, evaluate_chunk, predict_chunk, replica_name
+from .scheduler import TrainingPlugin
 from .step import check_metrics_output, split_loss_output
 from .tree import check_params, flatten, unflatten
-from .workerenv import WorkerEnvironment, cluster_config, core_slots
+from .workerenv import WorkerEnvironment, cluster_config, core_slots, worker_info
 
 logger = logging.getLogger("daskdl")
 
@@ -49,16 +49,6 @@ def _close_client(client: Client) -> None:
     client.close()
     if cluster is not None:
         cluster.close()
-
-
-class _Placement:
-    """Where each chunk of a dataset comes from on the cluster (futures or tasks)."""
-
-    def __init__(self, refs: list, owners: list, workers: tuple, zarr=None):
-        self.refs = refs  # refs[chunk][name_index] -> Future or Delayed
-        self.owners = owners  # rank holding each chunk, or -1
-        self.workers = workers
-        self.zarr = zarr  # a ZarrSource: training workers read chunks from the store
 
 
 class Trainer:
@@ -136,14 +126,11 @@ class Trainer:
         self.rounds_ahead = max(1, int(config.get("rounds-ahead", rounds_ahead)))
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
         self.max_rejections = int(config.get("max-rejections"))
-        # simulated stragglers for benchmarks and tests: {rank: factor}
-        self._slowdown = {int(k): float(v)
-                          for k, v in (config.get("testing.slowdown") or {}).items()}
-        self._send_nan = {int(k): (v if v == "all" else {int(c) for c in v})
-                          for k, v in (config.get("testing.send-nan") or {}).items()}
+        self._faults = _faults_from_config()
         self._leaves, self._treedef = flatten(params)
         self._leaves = [np.array(x, copy=True) for x in self._leaves]
         self.run = uuid.uuid4().hex[:10]
+        self._secret = protocol.new_secret()  # authenticates this run's messages
         self.history: list[dict] = []
         self.rounds: list[dict] = []  # per-round metrics of every worker
         self.coverage: dict = {}  # epoch -> Counter(chunk -> samples trained)
@@ -162,18 +149,18 @@ class Trainer:
                 self._owns_client = True
         self.client = client
         self._finalizer = weakref.finalize(self, Trainer._cleanup, client, self.run,
-                                           self._owns_client)
+                                           self._secret, self._owns_client)
         self._register()
 
     # -- lifecycle --------------------------------------------------------------------
     @staticmethod
-    def _cleanup(client, run, owns):
+    def _cleanup(client, run, secret, owns):
         try:
             if owns:
                 _close_client(client)
             elif client.status == "running":
                 client.unregister_worker_plugin(replica_name(run))
-                client.sync(client.scheduler.daskdl_end, run=run)
+                client.sync(getattr(client.scheduler, protocol.END), run=run, secret=secret)
         except Exception:  # closing must never raise at interpreter exit
             pass
 
@@ -194,14 +181,24 @@ class Trainer:
         """The global parameters: the pytree given at construction, with numpy leaves."""
         return unflatten(self._treedef, [np.array(x, copy=True) for x in self._leaves])
 
+    def _call(self, op: str, **kwargs) -> dict:
+        """Call a handler of this run on the scheduler plugin (with the run secret)."""
+        c = self.client
+        return c.sync(getattr(c.scheduler, op), run=self.run, secret=self._secret, **kwargs)
+
     def _fetch_params(self) -> None:
-        reply = self.client.sync(self.client.scheduler.daskdl_params, run=self.run)
-        if reply.get("status") == "OK":
-            self._leaves = [np.array(x, copy=True) for x in _load(reply["params"])]
+        reply = self._call(protocol.PARAMS, rank=None)
+        if reply.get("status") == protocol.Status.OK.value:
+            self._leaves = [np.array(x, copy=True) for x in protocol.load(reply["params"])]
+
+    def __repr__(self) -> str:
+        return (f"<daskdl.Trainer run {self.run}: {self.policy.name}(every="
+                f"{self.policy.every}), batch_size={self.batch_size}, "
+                f"{len(self.history)} epochs trained>")
 
     # -- set-up ---------------------------------------------------------------------------
     def _workers(self) -> tuple:
-        workers = _worker_info(self.client)
+        workers = worker_info(self.client)
         if not workers:
             raise DaskDLError("the cluster has no workers; start some (cluster.scale(2)) "
                               "or wait for them with client.wait_for_workers(2)")
@@ -215,9 +212,9 @@ class Trainer:
         c = self.client
         c.register_plugin(TrainingPlugin(), name=TrainingPlugin.name)
         c.register_plugin(DashboardPlugin())
-        c.register_plugin(WorkerEnvironment(core_slots(_worker_info(c))))
-        c.register_plugin(Replica(self.run, self.loss_fn, self.optimizer, self._treedef,
-                                  self.seed), name=replica_name(self.run))
+        c.register_plugin(WorkerEnvironment(core_slots(worker_info(c))))
+        c.register_plugin(Replica(self.run, self._secret, self.loss_fn, self.optimizer,
+                                  self._treedef, self.seed), name=replica_name(self.run))
 
     def _batch_spec(self, dataset: Dataset, rows: int) -> dict:
         return {n: jax.ShapeDtypeStruct((rows,) + dataset[n].shape[1:], dataset[n].dtype)
@@ -233,37 +230,14 @@ class Trainer:
                 raise TypeError(str(e)) from None
             raise
 
-    def _place(self, dataset: Dataset, workers: tuple) -> _Placement:
-        key = id(dataset)
-        hit = self._placements.get(key)
-        if hit is not None and hit[0] is dataset and hit[1].workers == workers:
-            return hit[1]
-        names = dataset.names
-        nchunks = dataset.nchunks
-        if dataset.in_memory:
-            order = np.random.default_rng([self.seed, 0x91AC]).permutation(nchunks)
-            owners = [-1] * nchunks
-            for pos, c in enumerate(order):
-                owners[int(c)] = pos % len(workers)
-            refs: list = [None] * nchunks
-            for rank, addr in enumerate(workers):
-                mine = [c for c in range(nchunks) if owners[c] == rank]
-                if not mine:
-                    continue
-                blocks = [dataset.block(c)[n] for c in mine for n in names]
-                futs = self.client.scatter(blocks, workers=[addr], hash=False)
-                for i, c in enumerate(mine):
-                    refs[c] = futs[i * len(names):(i + 1) * len(names)]
-        else:
-            per_name = [dataset[n].to_delayed(optimize_graph=False).reshape(-1) for n in names]
-            refs = [[per_name[j][c] for j in range(len(names))] for c in range(nchunks)]
-            keys = [d.key for d in per_name[0]]
-            where = self.client.run_on_scheduler(_locations, keys)
-            rank_of = {a: r for r, a in enumerate(workers)}
-            owners = [rank_of.get(where.get(k), -1) for k in keys]
-        placement = _Placement(refs, owners, workers, dataset._zarr)
-        self._placements[key] = (dataset, placement)
-        return placement
+    def _place(self, dataset: Dataset, workers: tuple) -> sources.ChunkSource:
+        """Where ``dataset``'s chunks are on ``workers`` (placed once, then reused)."""
+        hit = self._placements.get(id(dataset))
+        if hit is not None and hit.dataset is dataset and hit.workers == workers:
+            return hit
+        placed = sources.place(self.client, dataset, workers, self.seed)
+        self._placements[id(dataset)] = placed
+        return placed
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, dataset: Dataset, epochs: int = 1, verbose: bool = True,
@@ -308,8 +282,6 @@ class Trainer:
         TrainingDiverged : one worker's updates were NaN/Inf ``daskdl.max-rejections``
             times in a row; ``trainer.params`` keeps the last finite global parameters.
         """
-        from .fitloop import FitLoop
-
         if not isinstance(dataset, Dataset):
             raise TypeError(f"fit needs a daskdl.Dataset (Dataset.from_arrays(x=X, y=y)), "
                             f"got {type(dataset).__name__}")
@@ -333,19 +305,48 @@ class Trainer:
                   self.policy.every, self.seed, self._epoch)
         self._check_loss(dataset)
         bar = _progress_bar(0, verbose)
-        loop = FitLoop(self, dataset, epochs, callbacks, bar, ckpt)
+        self._fits += 1
+        start = FitStart(self._leaves, self._epoch, self._clock, self.history, self._fits)
+        loop = FitLoop(self.client, self._fit_config(), start, dataset, epochs, callbacks,
+                       bar, self._place, resume=ckpt)
         try:
-            results = loop.run()
+            loop.run()
         except BaseException as exc:
             bar.close()
             root = self._fail(exc, [i["future"] for i in loop.pending.values()])
-            self._fetch_params()
+            self._finish_fit(loop.result)
             if root is exc:
                 raise
             raise root from None
         bar.close()
-        self._fetch_params()
-        return results
+        self._finish_fit(loop.result)
+        return loop.result.records
+
+    def _fit_config(self) -> FitConfig:
+        return FitConfig(
+            run=self.run, secret=self._secret, policy=self.policy, batch_size=self.batch_size,
+            seed=self.seed, rounds_ahead=self.rounds_ahead, sync_timeout=self.sync_timeout,
+            min_workers=self.min_workers, max_rejections=self.max_rejections,
+            checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
+            faults=self._faults)
+
+    def _finish_fit(self, result: FitResult) -> None:
+        """Apply what a fit did; fetch the global parameters; end the run on the
+        scheduler (a run whose fit returned is not training)."""
+        if result.leaves is not None:
+            self._leaves = result.leaves
+        self.history[:] = result.history
+        self.rounds.extend(result.rounds)
+        self.rejected_rounds.extend(result.rejected_rounds)
+        for epoch, counts in result.coverage.items():
+            self.coverage.setdefault(epoch, collections.Counter()).update(counts)
+        self._epoch, self._clock = result.epoch, result.clock
+        if result.source is not None:
+            self._placements[id(result.source.dataset)] = result.source
+        try:
+            self._fetch_params()
+        finally:
+            self._call(protocol.END)
 
     def _load_checkpoint(self, dataset: Dataset):
         from .checkpoint import load_latest
@@ -379,74 +380,18 @@ class Trainer:
                     ckpt["name"], meta["epoch"], meta["round"])
         return ckpt
 
-    def _repair_placement(self, dataset: Dataset, placement: _Placement,
-                          workers: tuple) -> _Placement:
-        """Placement after the workers changed: chunks scattered from the client that
-        were only on a worker that left are scattered again; owners recomputed."""
-        if placement.zarr is not None or not placement.refs:
-            return _Placement(placement.refs, [-1] * len(placement.owners), workers,
-                              placement.zarr)
-        first = [refs[0] for refs in placement.refs]
-        if not all(isinstance(f, Future) for f in first):
-            return _Placement(placement.refs, [-1] * len(placement.owners), workers)
-        keys = [f.key for refs in placement.refs for f in refs]
-        where = self.client.run_on_scheduler(_locations, keys)
-        rank_of = {a: r for r, a in enumerate(workers)}
-        names = dataset.names
-        refs = [list(r) for r in placement.refs]
-        owners = []
-        loads = collections.Counter()
-        for c, rr in enumerate(refs):
-            locs = {where.get(f.key) for f in rr}
-            owner = rank_of.get(next(iter(locs))) if len(locs) == 1 else None
-            owners.append(-1 if owner is None else owner)
-            if owner is not None:
-                loads[owner] += dataset.chunks[c]
-        lost = [c for c, rr in enumerate(refs) if any(where.get(f.key) is None for f in rr)]
-        if lost and not dataset.in_memory:
-            owners = [-1 if c in lost else o for c, o in enumerate(owners)]
-        elif lost:
-            logger.warning("daskdl: %d chunks were only on workers that left; scattering "
-                           "them again", len(lost))
-            for c in lost:
-                rank = min(range(len(workers)), key=lambda r: loads[r])
-                blocks = [dataset.block(c)[n] for n in names]
-                refs[c] = self.client.scatter(blocks, workers=[workers[rank]], hash=False)
-                owners[c] = rank
-                loads[rank] += dataset.chunks[c]
-        placement = _Placement(refs, owners, workers)
-        self._placements[id(dataset)] = (dataset, placement)
-        return placement
-
-    def _end_epoch(self, epoch: int, rounds: list, t_start: float, regroups: int = 0) -> dict:
-        rounds.sort(key=lambda r: (r["clock"], r["rank"]))
-        self.rounds.extend(rounds)
-        samples = sum(r["samples"] for r in rounds)
-        rec = {"epoch": epoch,
-               "loss": sum(r["loss"] * r["samples"] for r in rounds) / max(samples, 1),
-               "samples": samples, "seconds": time.perf_counter() - t_start,
-               "rounds": len({r["clock"] for r in rounds}), "regroups": regroups}
-        self.history.append(rec)
-        self._epoch = epoch + 1
-        if rounds:
-            self._clock = max(r["clock"] for r in rounds) + 1
-        logger.info("epoch %d: loss %.4f, %d samples, %.2fs", epoch, rec["loss"],
-                    rec["samples"], rec["seconds"])
-        return rec
-
     def _fail(self, exc: BaseException, futures: list) -> BaseException:
         """Abort the run; return the error that caused it (not a follow-on SyncAborted)."""
         c = self.client
         try:
-            c.sync(c.scheduler.daskdl_abort, run=self.run, reason=f"the client stopped: {exc!r}")
+            self._call(protocol.ABORT, reason=f"the client stopped: {type(exc).__name__}")
         except Exception:
             pass
         root = exc
         if isinstance(exc, SyncAborted) and futures:
-            try:
-                c.sync(_wait_futures, futures, timeout=min(30.0, self.sync_timeout))
-            except Exception:
-                pass
+            deadline = time.monotonic() + min(30.0, self.sync_timeout)
+            while not all(f.done() for f in futures) and time.monotonic() < deadline:
+                time.sleep(0.05)
             for f in futures:
                 if f.status == "error":
                     e = f.exception()
@@ -547,8 +492,12 @@ class Trainer:
 
 
     def info(self) -> dict | None:
-        """The scheduler's view of this run: version, clocks, per-round history."""
-        return self.client.sync(self.client.scheduler.daskdl_info, run=self.run)
+        """The scheduler's view of this run: version, clocks, per-round history
+        (``None`` when the scheduler no longer knows the run)."""
+        reply = self.client.sync(getattr(self.client.scheduler, protocol.INFO), run=self.run)
+        if not isinstance(reply, dict) or reply.get("status") == protocol.Status.REFUSED.value:
+            return None
+        return reply
 
 
 def _progress_bar(total: int, verbose: bool):
@@ -558,19 +507,10 @@ def _progress_bar(total: int, verbose: bool):
                 leave=False)
 
 
-def _locations(keys, dask_scheduler=None) -> dict:
-    out = {}
-    for k in keys:
-        ts = dask_scheduler.tasks.get(k)
-        if ts is not None and ts.who_has:
-            out[k] = sorted(ws.address for ws in ts.who_has)[0]
-    return out
-
-
-def _worker_info(client: Client) -> dict:
-    """Address -> info of every worker (recent ``distributed`` lists only some by default)."""
-    import inspect
-
-    if "n_workers" in inspect.signature(Client.scheduler_info).parameters:
-        return client.scheduler_info(n_workers=-1)["workers"]
-    return client.scheduler_info()["workers"]
+def _faults_from_config() -> dict:
+    """``{rank: (slowdown, NaN clocks | "all")}`` from config ``daskdl.testing``
+    (simulated stragglers and bad updates for tests and benchmarks)."""
+    slow = {int(k): float(v) for k, v in (config.get("testing.slowdown") or {}).items()}
+    nan = {int(k): (v if v == "all" else frozenset(int(c) for c in v))
+           for k, v in (config.get("testing.send-nan") or {}).items()}
+    return {r: (slow.get(r, 1.0), nan.get(r, frozenset())) for r in set(slow) | set(nan)}

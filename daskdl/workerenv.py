@@ -141,3 +141,15 @@ def worker_environment(client) -> dict:
         return rep
 
     return client.run(_report)
+
+
+def worker_info(client) -> dict:
+    """Address -> info of every worker of ``client``'s cluster (recent ``distributed``
+    lists only some by default)."""
+    import inspect
+
+    from distributed import Client
+
+    if "n_workers" in inspect.signature(Client.scheduler_info).parameters:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    return client.scheduler_info()["workers"]

@@ -9,8 +9,8 @@ from distributed import get_task_stream
 
 import daskdl as ddl
 from daskdl.plan import make_plan
-from daskdl.replica import Replica
-from daskdl.tree import flatten
+from daskdl.protocol import RoundSpec
+from daskdl.replica import gather_batches
 
 from .conftest import accuracy, apply_mlp, init_mlp, loss_fn
 
@@ -27,8 +27,6 @@ def test_one_worker_bsp_equals_plain_optax_on_the_same_batches(client1, digits):
         got = tr.params
 
     # the same batches, by hand, trained one optax step at a time
-    _, treedef = flatten(params0)
-    rep = Replica("ref", loss_fn, opt, treedef, seed)
     params, state = params0, opt.init(params0)
 
     @jax.jit
@@ -42,12 +40,13 @@ def test_one_worker_bsp_equals_plain_optax_on_the_same_batches(client1, digits):
         for r in range(plan.rounds):
             segs = plan.round_segments(0, r)
             chunks = list(dict.fromkeys(s.chunk for s in segs))
-            spec = {"epoch": e, "round": r, "rank": 0, "steps": plan.round_steps(r),
-                    "batch_size": bs, "segments": [(s.chunk, s.start, s.stop) for s in segs],
-                    "chunks": chunks, "names": ("x", "y")}
+            spec = RoundSpec(run="ref", fit=1, gen=0, epoch=e, round=r, rank=0, clock=0,
+                             first_clock=0, steps=plan.round_steps(r), batch_size=bs,
+                             segments=tuple((s.chunk, s.start, s.stop, s.epoch) for s in segs),
+                             chunks=tuple(chunks), names=("x", "y"), timeout=1.0)
             blocks = [ds.block(c)[n] for c in chunks for n in ("x", "y")]
-            batches = rep.gather_batches(spec, blocks)
-            for k in range(spec["steps"]):
+            batches = gather_batches(seed, spec, blocks)
+            for k in range(spec.steps):
                 params, state = step(params, state, {n: v[k] for n, v in batches.items()})
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -265,24 +264,17 @@ def test_a_round_that_starts_early_waits_for_the_rounds_before_it(client1):
     waits, so rounds still sync in clock order."""
     import time
 
-    from distributed.protocol.serialize import to_serialize
-
     rng = np.random.default_rng(0)
     ds = ddl.Dataset.from_arrays(x=rng.standard_normal((64, 64)).astype(np.float32),
                                  y=rng.integers(0, 10, 64).astype(np.int32), chunk_size=32)
     with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.01),
                      policy=ddl.BSP(every=1), batch_size=16, client=client1) as tr:
-        from daskdl.fitloop import Entry, FitLoop
+        from daskdl.fitloop import FitLoop, FitStart
         from daskdl.trainer import _progress_bar
 
-        workers, _ = tr._workers()
-        loop = FitLoop(tr, ds, 1, [], _progress_bar(0, False), None)
-        loop.members, loop.placement = workers, tr._place(ds, workers)
-        client1.sync(client1.scheduler.daskdl_start, run=tr.run,
-                     params=to_serialize(tr._leaves), policy=to_serialize(tr.policy),
-                     members={"0": workers[0]}, timeout=30)
-        loop.entries = [Entry(make_plan(ds.chunks, 1, 16, 1, 0, 0, loop.placement.owners), 0, 0)]
-        loop.first_clock = 0
+        loop = FitLoop(client1, tr._fit_config(), FitStart(tr._leaves, 0, 0, [], 1), ds, 1,
+                       [], _progress_bar(0, False), tr._place)
+        loop.start()  # places the data, plans the epoch, starts the run on the scheduler
         late = client1.compute(loop.round_task(0, 0, 1, 1)[0], optimize_graph=False)
         time.sleep(1.0)
         assert late.status == "pending"  # started, waiting for round 0
