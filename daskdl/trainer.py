@@ -25,7 +25,8 @@ from .dashboard import DashboardPlugin
 from .data import Dataset
 from .errors import DaskDLError, SyncAborted
 from .plan import make_plan
-from .plugin import TrainingPlugin, _load
+from .protocol import load as _load
+from .scheduler import TrainingPlugin
 from .policies import Policy, from_config
 from .replica import Replica, evaluate_chunk, predict_chunk, replica_name
 from .step import check_metrics_output, split_loss_output

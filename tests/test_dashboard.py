@@ -22,8 +22,9 @@ from distributed.utils_test import gen_cluster
 
 import daskdl as ddl
 from daskdl.dashboard import PAGE, DashboardPlugin, TrainingPage
-from daskdl.plugin import TrainingPlugin, get_plugin
+from daskdl.scheduler import TrainingPlugin, get_plugin
 from daskdl.prometheus import register_collector
+from daskdl.protocol import SyncRequest
 
 from .conftest import init_mlp, loss_fn
 
@@ -210,10 +211,12 @@ async def test_page_and_metrics_on_the_scheduler_http_server(c, s):
 
     await c.register_plugin(TrainingPlugin())
     plugin = get_plugin(s)
-    plugin.start_run("r1", leaves(0.0), ddl.BSP(every=1), {"0": "w0", "1": "w1"}, 5.0)
-    await asyncio.gather(plugin.sync("r1", 0, 0, leaves(1.0), 30, 0, loss=2.0),
-                         plugin.sync("r1", 1, 0, leaves(3.0), 10, 0, loss=1.0))
-    plugin.end_run("r1")
+    plugin.start_run(run="r1", secret="k", params=leaves(0.0), policy=ddl.BSP(every=1),
+                     members={"0": "w0", "1": "w1"}, timeout=5.0)
+    await asyncio.gather(*(plugin.sync(**SyncRequest(
+        run="r1", rank=r, clock=0, gen=0, samples=n, version=0, params=leaves(v),
+        loss=lo).to_msg("k")) for r, n, v, lo in ((0, 30, 1.0, 2.0), (1, 10, 3.0, 1.0))))
+    await plugin.end_run(run="r1", secret="k")
     metrics = (await http.fetch(base + "/metrics")).body.decode()
     got = {x.rsplit(" ", 1)[0]: float(x.rsplit(" ", 1)[1]) for x in metrics.splitlines()
            if x.startswith("daskdl_") and 'run="r1"' in x}
