@@ -190,6 +190,28 @@ def test_prometheus_collector_registers_once_and_reports_every_number():
             'worker="tcp://w1"} 0.5') in lines
 
 
+def test_prometheus_skips_values_that_are_not_finite_numbers_and_the_page_escapes_html():
+    import prometheus_client
+
+    s = FakeScheduler()
+    register_collector(s)
+    plugin = s.extensions["daskdl"] = FakePlugin()
+    run = plugin.runs["<b>x</b>"] = FakeRun("<b>x</b>", 1.0, policy="P<i>")
+    good = run.metrics
+    run.metrics = lambda: dict(good(), loss=float("nan"), version="abc", samples=float("inf"))
+    text = prometheus_client.generate_latest().decode()
+    mine = [x for x in text.splitlines() if "<b>x</b>" in x]
+    assert any(x.startswith("daskdl_run_workers{") for x in mine)  # the rest is there
+    assert not any(x.startswith(("daskdl_run_loss{", "daskdl_run_version{",
+                                 "daskdl_run_samples_total{")) for x in mine)
+    page = TrainingPage(s)
+    run.round(0)
+    page.update()
+    assert "<b>x</b>" not in page.summary.text and "&lt;b&gt;x&lt;/b&gt;" in page.summary.text
+    assert "P&lt;i&gt;" in page.summary.text
+    s.extensions.clear()
+
+
 # -- served by a real scheduler -------------------------------------------------------------
 def leaves(v):
     return [np.full((2, 3), v, np.float32), np.full(4, v, np.float32)]

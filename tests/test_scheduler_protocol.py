@@ -43,14 +43,15 @@ def sync_kwargs(run, rank, clock, v, samples, secret=SECRET, gen=0, **kw):
 
 
 class Errors(logging.Handler):
-    """Every record at ERROR or above, or carrying a traceback."""
+    """Every record at ERROR or above, carrying a traceback, or showing the secret."""
 
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.records = []
 
     def emit(self, record):
-        if record.levelno >= logging.ERROR or record.exc_info:
+        if record.levelno >= logging.ERROR or record.exc_info \
+                or SECRET in record.getMessage():
             self.records.append(record)
 
 
@@ -58,11 +59,13 @@ class Errors(logging.Handler):
 def errors():
     h = Errors()
     names = ("distributed", "daskdl", "tornado")
+    logging.getLogger("daskdl").setLevel(logging.DEBUG)  # refusals are logged at debug
     for n in names:
         logging.getLogger(n).addHandler(h)
     yield h
     for n in names:
         logging.getLogger(n).removeHandler(h)
+    logging.getLogger("daskdl").setLevel(logging.NOTSET)
 
 
 async def legit_round(c, run, k, during=None):

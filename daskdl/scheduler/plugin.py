@@ -223,7 +223,7 @@ class TrainingPlugin(SchedulerPlugin):
         if old is None:
             self._make_room()
         else:
-            self._retire(old, "the run was restarted")
+            self._retire(old, "the run was restarted", wait=True)
         self.runs[run] = st = self._new_run(req, secret)
         logger.info("daskdl run %s started with %d workers under %s(every=%d)",
                     run, len(req.members), req.policy.name, req.policy.every)
@@ -241,12 +241,13 @@ class TrainingPlugin(SchedulerPlugin):
             st.cut = CheckpointCut.open(req.checkpoint, req.checkpoint_clocks)
         return st
 
-    def _retire(self, st: RunState, reason: str) -> None:
-        """Stop ``st`` and forget it (a restart, or room for a new run)."""
+    def _retire(self, st: RunState, reason: str, wait: bool = False) -> None:
+        """Stop ``st`` and forget it (a restart, or room for a new run); ``wait`` for
+        its queued checkpoint writes (a restart: the last fit's state must be written)."""
         st.ending = True
         st.abort(reason, log=False)
         if st.cut is not None:
-            st.cut.close(wait=False)
+            st.cut.close(wait=wait)
         self.runs.pop(st.run, None)
         self.finished.pop(st.run, None)
 
