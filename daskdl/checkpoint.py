@@ -305,3 +305,80 @@ def checkpoint_spec(checkpoint: Any) -> Any:
         return checkpoint
     raise TypeError(f"checkpoint must be a directory path or a Zarr store, got "
                     f"{type(checkpoint).__name__}")
+
+
+class CheckpointCut:
+    """Where a run's checkpoints are cut, and what each rank sent for them.
+
+    A checkpoint at clock ``K`` is a consistent cut: taken when every member has had
+    round ``K - 1`` merged and has sent its optimizer state with that round, with the
+    data position the client sent (``meta``).  Only the clocks of the plan
+    (``planned``, given at the start of each generation) are cut: optimizer states
+    and metadata for other clocks are not kept.  The snapshot is handed to a
+    :class:`CheckpointWriter`, which writes it in a thread.
+
+    Parameters
+    ----------
+    writer : CheckpointWriter
+    clocks : iterable of int
+        The clocks at which checkpoints are planned in this generation.
+    """
+
+    def __init__(self, writer: CheckpointWriter, clocks=()):
+        self.writer = writer
+        self.planned = frozenset(int(c) for c in clocks)
+        self.meta: dict[int, dict] = {}  # clock -> what the client adds (data position)
+        self.opt: dict[int, dict] = {}  # clock -> rank -> flat optimizer state
+
+    @classmethod
+    def open(cls, spec: dict, clocks=()) -> "CheckpointCut":
+        """A cut writing to ``spec["store"]``, keeping ``spec["keep"]`` checkpoints."""
+        return cls(CheckpointWriter(spec["store"], keep=int(spec["keep"])), clocks)
+
+    def wants(self, clock: int) -> bool:
+        """Whether a checkpoint is planned at ``clock``."""
+        return clock in self.planned
+
+    def keep_opt_state(self, clock: int, rank: int, leaves: list) -> None:
+        """A rank's optimizer state after round ``clock - 1`` (planned clocks only)."""
+        if self.wants(clock):
+            self.opt.setdefault(clock, {})[rank] = leaves
+
+    def set_meta(self, clock: int, meta: dict) -> None:
+        if self.wants(clock):
+            self.meta[clock] = meta
+
+    def replan(self, clocks, after: int) -> None:
+        """A new generation from clock ``after`` with its own planned ``clocks``."""
+        self.planned = frozenset(int(c) for c in clocks)
+        self.opt.clear()
+        self.meta = {k: v for k, v in self.meta.items() if k > after and k in self.planned}
+
+    def take(self, members: dict, done: dict, version: int, params: list,
+             policy_state: list, local: dict, meta: dict) -> list[int]:
+        """Submit every complete cut (oldest first); return the clocks submitted.
+
+        ``local`` holds ranks' own parameters where the policy keeps them (EASGD);
+        ``meta`` is added to each checkpoint's metadata.
+        """
+        taken = []
+        for clock in sorted(self.meta):
+            opts = self.opt.get(clock, {})
+            if not members or any(done.get(r, 0) < clock for r in members) \
+                    or not set(opts) >= set(members):
+                break
+            extra = self.meta.pop(clock)
+            self.opt.pop(clock, None)
+            t0 = time.perf_counter()
+            self.writer.submit(
+                clock=clock, version=version, params=params, policy_state=policy_state,
+                opt_states={r: opts[r] for r in members},
+                local_params={r: local[r] for r in members if r in local},
+                meta=dict(extra, clock=clock, version=version, **meta))
+            self.writer.blocked_s += time.perf_counter() - t0
+            taken.append(clock)
+        return taken
+
+    def close(self, wait: bool = True) -> list[str]:
+        """Finish (or drop) queued writes; return the errors seen."""
+        return self.writer.close(wait=wait)

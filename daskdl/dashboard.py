@@ -7,8 +7,9 @@ the scheduler's Prometheus endpoint ``/metrics`` (:mod:`daskdl.prometheus`).
 ``Trainer`` registers it; registering it again is harmless.
 
 Everything shown is read from the training plugin (``scheduler.extensions
-["daskdl"]``, a :class:`daskdl.plugin.TrainingPlugin`): its ``metrics()`` dict
-and the event ``history`` of each run.  The training plugin never imports this
+["daskdl"]``, a :class:`daskdl.scheduler.TrainingPlugin`): its ``metrics()`` dict
+and the event ``history`` of each run.  Every string put into HTML (run ids,
+policy names, reasons, addresses) is escaped.  The training plugin never imports this
 module.  The page updates every 500 ms and reads only the events that arrived
 since its last update.
 
@@ -31,14 +32,17 @@ from __future__ import annotations
 
 import logging
 import weakref
+from html import escape
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from .protocol import DASHBOARD_EXTENSION, EXTENSION
+
 logger = logging.getLogger("daskdl")
 
-PLUGIN_NAME = "daskdl-dashboard"
+PLUGIN_NAME = DASHBOARD_EXTENSION
 PAGE = "/daskdl"
-TRAINING_PLUGIN = "daskdl"  # scheduler.extensions key of the TrainingPlugin
+TRAINING_PLUGIN = EXTENSION  # scheduler.extensions key of the TrainingPlugin
 
 UPDATE_MS = 500  # default of config daskdl.dashboard.interval: how often the page redraws
 _ROLLOVER = 5_000  # points kept per line on the page (older ones scroll out)
@@ -92,7 +96,7 @@ class DashboardPlugin(SchedulerPlugin):
 
 
 def training_plugin(scheduler):
-    """The scheduler's :class:`~daskdl.plugin.TrainingPlugin`, or ``None`` before the
+    """The scheduler's :class:`~daskdl.scheduler.TrainingPlugin`, or ``None`` before the
     first ``Trainer`` registered it."""
     return getattr(scheduler, "extensions", {}).get(TRAINING_PLUGIN)
 
@@ -169,15 +173,14 @@ def _state_of(m: dict) -> str:
 
 
 def _worker_table(ranks: list) -> str:
-    """The per-worker numbers as an HTML table."""
-    from html import escape
-
+    """The per-worker numbers as an HTML table (strings escaped)."""
     head = ("worker", "address", "clock", "staleness", "rounds", "samples", "samples/s",
             "compute s", "wait s", "MB sent", "MB received", "loss", "divergence")
     rows = []
     for r, s in ranks:
         busy = s["compute_s"] + s["wait_s"]
-        cells = (r, escape(str(s["address"])), s["clock"], s["staleness"], s["rounds"],
+        cells = (escape(str(r)), escape(str(s["address"])), s["clock"], s["staleness"],
+                 s["rounds"],
                  s["samples"], _fmt(s["samples"] / busy if busy else None, ".0f"),
                  _fmt(s["compute_s"], ".1f"), _fmt(s["wait_s"], ".1f"),
                  _fmt(s["bytes_in"] / 1e6, ".1f"), _fmt(s["bytes_out"] / 1e6, ".1f"),
@@ -549,11 +552,10 @@ class TrainingPage:
         state = _state_of(m)
         extra = ""
         if state == "aborted":
-            from html import escape
-
             extra = f"<br><b>aborted:</b> {escape(str(m['aborted']))}"
         self.summary.text = (
-            f"<p><b>run</b> {m['run']} · <b>{m['policy']}</b>(every={m['every']}) · "
+            f"<p><b>run</b> {escape(str(m['run']))} · <b>{escape(str(m['policy']))}</b>"
+            f"(every={escape(str(m['every']))}) · "
             f"<b>{state}</b> · {m['workers']} workers · version {m['version']} · "
             f"{m['samples']} samples · {_fmt(m['samples_per_s'], '.0f')} samples/s · "
             f"loss {_fmt(m['loss'])} · rejected updates {m['rejected']} · "

@@ -2,7 +2,8 @@
 
 One collector per process, registered once in ``prometheus_client.REGISTRY``
 (the registry Dask's ``/metrics`` serves) by :class:`daskdl.dashboard.DashboardPlugin`.
-It reads the training plugin's ``metrics()`` of the scheduler(s) it was given;
+It reads the training plugin's ``metrics()`` of the scheduler(s) it was given
+(a value that is not a finite number is left out, never the whole page);
 where several schedulers run in one process (tests), it reports the scheduler
 whose ``/metrics`` is being served.
 
@@ -36,8 +37,11 @@ name                                        type     meaning
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
+
+from .protocol import EXTENSION
 
 NAMESPACE = "daskdl"
 
@@ -74,6 +78,24 @@ WORKER_METRICS = [
 ]
 
 
+def _number(x) -> float | None:
+    """``x`` as a finite float, else ``None`` (the value is skipped, not the page)."""
+    if isinstance(x, bool):
+        return float(x)
+    try:
+        x = float(x)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _add(families: list, table: list, labels: list, values: dict) -> None:
+    for fam, (_, _, _, key) in zip(families, table):
+        x = _number(values.get(key))
+        if x is not None:
+            fam.add_metric(labels, x)
+
+
 class DaskDLCollector:
     """A ``prometheus_client`` collector of the ``daskdl_*`` metrics.
 
@@ -106,19 +128,15 @@ class DaskDLCollector:
         workers = [kinds[t](f"{NAMESPACE}_{n}", h, labels=["run", "policy", "rank", "worker"])
                    for n, t, h, _ in WORKER_METRICS]
         for scheduler in self._targets():
-            plugin = getattr(scheduler, "extensions", {}).get("daskdl")
+            plugin = getattr(scheduler, "extensions", {}).get(EXTENSION)
             if plugin is None:
                 continue
             for run, m in plugin.metrics().items():
-                labels = [str(run), str(m["policy"])]
-                for fam, (_, _, _, key) in zip(runs, RUN_METRICS):
-                    if m.get(key) is not None:
-                        fam.add_metric(labels, float(m[key]))
-                for rank, s in sorted(m["ranks"].items()):
+                labels = [str(run), str(m.get("policy", ""))]
+                _add(runs, RUN_METRICS, labels, m)
+                for rank, s in sorted((m.get("ranks") or {}).items(), key=lambda x: str(x[0])):
                     wl = labels + [str(rank), str(s.get("address", ""))]
-                    for fam, (_, _, _, key) in zip(workers, WORKER_METRICS):
-                        if s.get(key) is not None:
-                            fam.add_metric(wl, float(s[key]))
+                    _add(workers, WORKER_METRICS, wl, s)
         yield from runs
         yield from workers
 

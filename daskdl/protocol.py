@@ -133,6 +133,18 @@ def _float(msg: Mapping, name: str, default=..., allow_none: bool = False,
     return v
 
 
+def _opt_int(msg: Mapping, name: str, lo: int = 0, hi: int = 2**62) -> int | None:
+    """An integer field that may be missing or ``None``."""
+    return None if msg.get(name) is None else _int(msg, name, lo, hi)
+
+
+def _rank_key(k, name: str) -> int:
+    """A rank as a mapping key (an integer, or its decimal string over the wire)."""
+    if isinstance(k, str) and k.isdecimal() and len(k) <= 7:
+        k = int(k)
+    return _int({name: k}, name, 0, 1_000_000)
+
+
 def _str(msg: Mapping, name: str, max_len: int = 256, default=...) -> str:
     v = msg.get(name, default)
     if v is ...:
@@ -155,11 +167,8 @@ def members_field(msg: Mapping, name: str = "members") -> dict[int, str]:
         raise ProtocolError(f"field {name!r} must be a non-empty mapping rank -> address")
     out = {}
     for k, a in v.items():
-        try:
-            rank = int(k)
-        except (TypeError, ValueError):
-            raise ProtocolError(f"field {name!r}: rank {k!r} is not an integer") from None
-        if not isinstance(a, str) or not a:
+        rank = _rank_key(k, name)
+        if not isinstance(a, str) or not a or len(a) > 1024:
             raise ProtocolError(f"field {name!r}: address of rank {rank} must be a string")
         out[rank] = a
     if sorted(out) != list(range(len(out))) or len(set(out.values())) != len(out):
@@ -175,6 +184,39 @@ def clocks_field(msg: Mapping, name: str, limit: int = 1_000_000) -> frozenset:
     if not isinstance(v, (list, tuple, set, frozenset)) or len(v) > limit:
         raise ProtocolError(f"field {name!r} must be a list of at most {limit} clocks")
     return frozenset(_int({"c": c}, "c") for c in v)
+
+
+def secret_field(msg: Mapping) -> str:
+    """The ``secret`` field: a non-empty string (compare it with :func:`same_secret`)."""
+    return _str(msg, "secret", 256)
+
+
+def bool_field(msg: Mapping, name: str, default=...) -> bool:
+    v = msg.get(name, default)
+    if v is ...:
+        raise ProtocolError(f"missing field {name!r}")
+    if not isinstance(v, (bool, np.bool_)):
+        raise ProtocolError(f"field {name!r} must be true or false, got {type(v).__name__}")
+    return bool(v)
+
+
+def _key(k, depth: int = 0):
+    """A Dask key: a string, bytes or number, or a tuple of keys (a list over msgpack)."""
+    if isinstance(k, (str, bytes)) and len(k) <= 1024:
+        return k
+    if isinstance(k, (int, float)) and not isinstance(k, bool):
+        return k
+    if isinstance(k, (list, tuple)) and 0 < len(k) <= 16 and depth < 4:
+        return tuple(_key(x, depth + 1) for x in k)
+    raise ProtocolError("a key must be a string, a number, or a tuple of keys")
+
+
+def keys_field(msg: Mapping, name: str = "keys", limit: int = 100_000) -> list:
+    """A list of at most ``limit`` Dask keys."""
+    v = msg.get(name)
+    if not isinstance(v, (list, tuple)) or len(v) > limit:
+        raise ProtocolError(f"field {name!r} must be a list of at most {limit} keys")
+    return [_key(k) for k in v]
 
 
 # -- payloads ------------------------------------------------------------------------------
@@ -285,6 +327,102 @@ class SyncReply:
                    params=load(msg["params"]) if msg.get("params") is not None else None,
                    waited=float(msg.get("waited", 0.0)), reason=str(msg.get("reason", "")),
                    diverged=bool(msg.get("diverged", False)))
+
+
+def _leaves_or_none(obj, what: str) -> list | None:
+    if obj is None:
+        return None
+    leaves = load(obj, what=what)
+    if not isinstance(leaves, (list, tuple)) or not all(isinstance(x, np.ndarray)
+                                                          for x in leaves):
+        raise ProtocolError(f"{what} must be a list of numpy arrays")
+    return list(leaves)
+
+
+def restore_field(obj) -> dict[int, dict]:
+    """``{rank: {"opt_state": leaves, "params": leaves or None}}`` read from a checkpoint."""
+    v = load(obj, what="restore")
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping) or len(v) > 100_000:
+        raise ProtocolError("field 'restore' must map rank -> {opt_state, params}")
+    out = {}
+    for k, r in v.items():
+        rank = _rank_key(k, "restore")
+        if not isinstance(r, Mapping):
+            raise ProtocolError(f"field 'restore': rank {rank} must map to a dict")
+        out[rank] = {"opt_state": _leaves_or_none(r.get("opt_state"), "restored opt_state")
+                     or [],
+                     "params": _leaves_or_none(r.get("params"), "restored params")}
+    return out
+
+
+def checkpoint_field(obj) -> dict | None:
+    """``{"store": path or Zarr store, "keep": n}`` or ``None``."""
+    v = load(obj, what="checkpoint")
+    if v is None:
+        return None
+    if not isinstance(v, Mapping) or v.get("store") is None:
+        raise ProtocolError("field 'checkpoint' must be {'store': ..., 'keep': n}")
+    return {"store": v["store"], "keep": _int(v, "keep", 1, 1_000_000)}
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """A client starting (or restarting) a run (handler ``daskdl_start``).
+
+    ``members`` is ``{rank: address}``; ``max_samples`` the most samples one rank
+    may report in one sync (steps x batch size); ``checkpoint_clocks`` the clocks at
+    which checkpoints are planned in the first generation.
+    """
+
+    run: str
+    params: Any = field(repr=False)
+    policy: Any
+    members: dict
+    timeout: float
+    clock: int = 0
+    version: int = 0
+    policy_state: Any = field(default=None, repr=False)
+    restore: dict = field(default_factory=dict, repr=False)
+    checkpoint: dict | None = None
+    max_rejections: int | None = None
+    max_samples: int | None = None
+    checkpoint_clocks: frozenset = frozenset()
+
+    @classmethod
+    def from_msg(cls, msg: Mapping) -> "StartRequest":
+        from .policies import Policy
+
+        params = _leaves_or_none(msg.get("params"), "params")
+        if not params:
+            raise ProtocolError("field 'params' must be a non-empty list of numpy arrays")
+        policy = load(msg.get("policy"), what="policy")
+        if not isinstance(policy, Policy):
+            raise ProtocolError("field 'policy' must be a daskdl Policy")
+        return cls(run=run_id(msg), params=params, policy=policy,
+                   members=members_field(msg),
+                   timeout=_float(msg, "timeout", lo=1e-3, hi=1e7),
+                   clock=_int(msg, "clock", default=0), version=_int(msg, "version", default=0),
+                   policy_state=load(msg.get("policy_state"), what="policy_state"),
+                   restore=restore_field(msg.get("restore")),
+                   checkpoint=checkpoint_field(msg.get("checkpoint")),
+                   max_rejections=_opt_int(msg, "max_rejections", 1, 1_000_000),
+                   max_samples=_opt_int(msg, "max_samples", 1),
+                   checkpoint_clocks=clocks_field(msg, "checkpoint_clocks"))
+
+    def to_msg(self, secret: str) -> dict:
+        """The keyword arguments of ``scheduler.daskdl_start`` (payloads serialized)."""
+        from distributed.protocol.serialize import to_serialize
+
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("params", "policy", "policy_state", "restore", "checkpoint"):
+            if d[name] is not None:
+                d[name] = to_serialize(d[name])
+        d["checkpoint_clocks"] = sorted(self.checkpoint_clocks)
+        d["members"] = {str(r): a for r, a in self.members.items()}
+        d["secret"] = secret
+        return d
 
 
 def refused(reason: str) -> dict:

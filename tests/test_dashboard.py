@@ -22,8 +22,9 @@ from distributed.utils_test import gen_cluster
 
 import daskdl as ddl
 from daskdl.dashboard import PAGE, DashboardPlugin, TrainingPage
-from daskdl.plugin import TrainingPlugin, get_plugin
+from daskdl.scheduler import TrainingPlugin, get_plugin
 from daskdl.prometheus import register_collector
+from daskdl.protocol import SyncRequest
 
 from .conftest import init_mlp, loss_fn
 
@@ -189,6 +190,28 @@ def test_prometheus_collector_registers_once_and_reports_every_number():
             'worker="tcp://w1"} 0.5') in lines
 
 
+def test_prometheus_skips_values_that_are_not_finite_numbers_and_the_page_escapes_html():
+    import prometheus_client
+
+    s = FakeScheduler()
+    register_collector(s)
+    plugin = s.extensions["daskdl"] = FakePlugin()
+    run = plugin.runs["<b>x</b>"] = FakeRun("<b>x</b>", 1.0, policy="P<i>")
+    good = run.metrics
+    run.metrics = lambda: dict(good(), loss=float("nan"), version="abc", samples=float("inf"))
+    text = prometheus_client.generate_latest().decode()
+    mine = [x for x in text.splitlines() if "<b>x</b>" in x]
+    assert any(x.startswith("daskdl_run_workers{") for x in mine)  # the rest is there
+    assert not any(x.startswith(("daskdl_run_loss{", "daskdl_run_version{",
+                                 "daskdl_run_samples_total{")) for x in mine)
+    page = TrainingPage(s)
+    run.round(0)
+    page.update()
+    assert "<b>x</b>" not in page.summary.text and "&lt;b&gt;x&lt;/b&gt;" in page.summary.text
+    assert "P&lt;i&gt;" in page.summary.text
+    s.extensions.clear()
+
+
 # -- served by a real scheduler -------------------------------------------------------------
 def leaves(v):
     return [np.full((2, 3), v, np.float32), np.full(4, v, np.float32)]
@@ -210,10 +233,12 @@ async def test_page_and_metrics_on_the_scheduler_http_server(c, s):
 
     await c.register_plugin(TrainingPlugin())
     plugin = get_plugin(s)
-    plugin.start_run("r1", leaves(0.0), ddl.BSP(every=1), {"0": "w0", "1": "w1"}, 5.0)
-    await asyncio.gather(plugin.sync("r1", 0, 0, leaves(1.0), 30, 0, loss=2.0),
-                         plugin.sync("r1", 1, 0, leaves(3.0), 10, 0, loss=1.0))
-    plugin.end_run("r1")
+    plugin.start_run(run="r1", secret="k", params=leaves(0.0), policy=ddl.BSP(every=1),
+                     members={"0": "w0", "1": "w1"}, timeout=5.0)
+    await asyncio.gather(*(plugin.sync(**SyncRequest(
+        run="r1", rank=r, clock=0, gen=0, samples=n, version=0, params=leaves(v),
+        loss=lo).to_msg("k")) for r, n, v, lo in ((0, 30, 1.0, 2.0), (1, 10, 3.0, 1.0))))
+    await plugin.end_run(run="r1", secret="k")
     metrics = (await http.fetch(base + "/metrics")).body.decode()
     got = {x.rsplit(" ", 1)[0]: float(x.rsplit(" ", 1)[1]) for x in metrics.splitlines()
            if x.startswith("daskdl_") and 'run="r1"' in x}

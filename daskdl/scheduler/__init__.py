@@ -1,58 +1,60 @@
-"""The scheduler side of training (adapter over the single-module plugin until it is split by concern)."""
-from ..plugin import TrainingPlugin as _Old, get_plugin, RunState  # noqa
-from .. import protocol
+"""The scheduler side of training: global parameters, clocks, barriers.
 
+:class:`TrainingPlugin` is a ``SchedulerPlugin`` registered once per scheduler (name
+:data:`daskdl.protocol.EXTENSION`, also its ``scheduler.extensions`` key).  It keeps
+one :class:`RunState` per training run and serves these handlers (messages and
+replies: :mod:`daskdl.protocol`)::
 
-class TrainingPlugin(_Old):
-    async def start(self, scheduler):
-        await super().start(scheduler)
-        scheduler.handlers.update({
-            "daskdl_start": self.n_start, "daskdl_sync": self.n_sync,
-            "daskdl_params": self.n_params, "daskdl_freeze": self.n_freeze,
-            "daskdl_regroup": self.n_regroup, "daskdl_checkpoint_meta": self.n_meta,
-            "daskdl_checkpoint_flush": self.n_flush, "daskdl_abort": self.n_abort,
-            "daskdl_info": self.n_info, "daskdl_end": self.n_end,
-            "daskdl_locations": self.n_loc})
+    daskdl_start(run, secret, params, policy, members, timeout, clock=0, version=0,
+                 policy_state=None, restore=None, checkpoint=None,
+                 max_rejections=None, max_samples=None, checkpoint_clocks=())
+                                                    start or restart a run      -> ok
+    daskdl_sync(**SyncRequest(...).to_msg(secret))  a worker's end of round     -> SyncReply
+    daskdl_params(run, secret, rank=None)           global params (+ restored)  -> params, version
+    daskdl_freeze(run, secret)                      end a generation            -> done, lost, ...
+    daskdl_regroup(run, secret, members, clock, checkpoint_clocks=())
+                                                    start the next generation   -> generation
+    daskdl_checkpoint_meta(run, secret, clock, meta)  data position of a checkpoint
+    daskdl_checkpoint_flush(run, secret)            wait for checkpoint writes  -> errors
+    daskdl_abort(run, secret, reason)               fail every waiting worker
+    daskdl_end(run, secret, wait_checkpoints=True)  end the run                 -> checkpoint_errors
+    daskdl_info(run)                                read only, no secret        -> the info dict
+    daskdl_locations(keys)                          read only, no secret        -> where
 
-    def n_start(self, secret=None, max_samples=None, checkpoint_clocks=(), **kw):
-        return self.start_run(**kw)
+Every handler looks the run up and checks its secret first, parses its message with
+:mod:`daskdl.protocol`'s checks, and only then changes state: a malformed or
+unauthenticated message is answered ``refused`` and changes nothing.
 
-    async def n_sync(self, secret=None, **kw):
-        r = await self.sync(**kw)
-        r = dict(r)
-        if r.pop("same", False):
-            r["params"] = None
-        return r
+Which module owns what:
 
-    def n_params(self, run, secret=None, rank=None):
-        return self.get_params(run, rank)
+- :mod:`.plugin`: the handlers, cluster events (workers leaving, paused, joining),
+  merges, the bound on runs kept (``daskdl.max-runs``);
+- :mod:`.run`: :class:`RunState`, one run: parameters, version, policy, secret;
+- :mod:`.membership`: generations, ranks, clocks, ``done``/``lost``, freeze and
+  regroup, membership events;
+- :mod:`.barrier`: waiting workers, pending group merges, release, the two-stage
+  sync timeout;
+- :mod:`.stats`: per-rank counters, history, ``metrics()``, divergence;
+- :class:`daskdl.checkpoint.CheckpointCut`: which clocks are checkpointed, the
+  ranks' optimizer states for them, handing snapshots to the writer.
 
-    def n_freeze(self, run, secret=None):
-        return self.freeze(run)
+Waiting in a barrier is an ``await`` on the scheduler's event loop, with a timeout
+(``daskdl.sync-timeout``) after which the workers waited for count as lost, so a
+failing worker can never leave the others blocked.  Workers that leave the cluster,
+or that Dask pauses for memory, are dropped from the barriers at once.  Large merges
+run in a thread, off the event loop.
 
-    def n_regroup(self, run, members, clock, secret=None, checkpoint_clocks=()):
-        return self.regroup(run, members, clock)
+Like ``distributed.Variable``, the parameters travel through the scheduler: each
+synchronisation sends every worker's parameters to the scheduler and the merged
+ones back.  That is cheap for small and medium models (a few MB); for large models
+use a larger ``every`` so that syncs are rarer.
+"""
 
-    def n_meta(self, run, clock, meta, secret=None):
-        return self.checkpoint_meta(run, clock, meta)
+from .plugin import TrainingPlugin, get_plugin
+from .run import RunState
 
-    async def n_flush(self, run, secret=None):
-        return await self.checkpoint_flush(run)
-
-    def n_abort(self, run, reason, secret=None):
-        return self.abort(run, reason)
-
-    def n_info(self, run):
-        st = self.runs.get(run) or self.finished.get(run)
-        return protocol.refused("unknown") if st is None else st.info()
-
-    def n_end(self, run, secret=None, wait_checkpoints=True):
-        return self.end_run(run, wait_checkpoints)
-
-    def n_loc(self, keys):
-        out = {}
-        for k in keys:
-            ts = self.scheduler.tasks.get(k)
-            if ts is not None and ts.who_has:
-                out[k] = sorted(ws.address for ws in ts.who_has)[0]
-        return protocol.ok(where=[out.get(k) for k in keys])
+__all__ = [
+    "RunState",
+    "TrainingPlugin",
+    "get_plugin",
+]

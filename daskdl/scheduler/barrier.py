@@ -1,0 +1,109 @@
+"""Barriers: workers waiting after a round, group merges waiting for their members.
+
+A worker's sync waits on an :class:`asyncio.Event` of the scheduler's event loop
+until the policy's ``barrier(clocks, rank)`` lets it go on (:meth:`Barrier.release`).
+The wait has two stages of ``daskdl.sync-timeout`` each: after the first, the workers
+waited for count as silent and are dropped (the caller's ``on_silent``); after the
+second the caller aborts the run, so that a failing worker never leaves the others
+blocked.  Under a group policy (BSP, SSP, EASGD, DiLoCo) the contributions of one
+round wait in :attr:`Barrier.pending` until every member's arrived or was rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Iterable
+
+from ..policies import Contribution, Policy
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+class Barrier:
+    """The waiting workers and pending group merges of one run.
+
+    Attributes
+    ----------
+    waiting : dict
+        ``rank -> asyncio.Event`` set when the rank may go on.
+    pending : dict
+        Group merges: ``clock -> rank -> Contribution`` arrived for that round.
+    skipped : dict
+        Group merges: ``clock -> ranks`` whose update for that round was rejected.
+    """
+
+    def __init__(self):
+        self.waiting: dict[int, asyncio.Event] = {}
+        self.pending: dict[int, dict[int, Contribution]] = {}
+        self.skipped: dict[int, set] = {}
+
+    def add(self, clock: int, contribution: Contribution) -> None:
+        """A rank's contribution to the group merge of round ``clock``."""
+        self.pending.setdefault(clock, {})[contribution.rank] = contribution
+
+    def skip(self, clock: int, rank: int) -> None:
+        """The rank's update for round ``clock`` was rejected: the group merge goes on
+        without it."""
+        self.skipped.setdefault(clock, set()).add(rank)
+
+    def forget(self, rank: int) -> list[int]:
+        """Drop a lost rank's pending contributions; return the rounds to re-check."""
+        for group in self.pending.values():
+            group.pop(rank, None)
+        return sorted(self.pending)
+
+    def complete(self, clock: int, members: Iterable[int]) -> list[Contribution] | None:
+        """The contributions of round ``clock``, taken out, once every member's arrived
+        or was rejected; ``None`` while some are missing (or nobody is left)."""
+        members = set(members)
+        arrived = set(self.pending.get(clock, {})) | self.skipped.get(clock, set())
+        if not members or not arrived >= members:
+            return None
+        self.skipped.pop(clock, None)
+        return sorted(self.pending.pop(clock, {}).values(), key=lambda c: c.rank)
+
+    def is_waiting(self, rank: int) -> bool:
+        return rank in self.waiting
+
+    def enter(self, rank: int) -> asyncio.Event:
+        """Register ``rank`` as waiting (before :meth:`release` and :meth:`wait`)."""
+        event = self.waiting[rank] = asyncio.Event()
+        return event
+
+    def release(self, policy: Policy, clocks: dict[int, int]) -> list[tuple[int, int]]:
+        """Open the barrier of every waiting rank the policy lets go on; return
+        ``(rank, clock)`` of the ranks released."""
+        released = []
+        for rank, event in list(self.waiting.items()):
+            if not event.is_set() and rank in clocks and policy.barrier(clocks, rank):
+                released.append((rank, clocks[rank]))
+                event.set()
+        return released
+
+    async def wait(self, rank: int, event: asyncio.Event, timeout: float,
+                   on_silent: Callable[[], Awaitable[None]]) -> bool:
+        """Wait for ``event`` in two stages of ``timeout``; ``on_silent`` runs between
+        them.  Return False when the second stage timed out too."""
+        try:
+            if await _wait(event, timeout):
+                return True
+            await on_silent()
+            return event.is_set() or await _wait(event, timeout)
+        finally:
+            self.waiting.pop(rank, None)
+
+    def open_all(self) -> None:
+        """Let every waiting rank go on (the run froze or aborted)."""
+        for event in self.waiting.values():
+            event.set()
+
+    def clear(self) -> None:
+        """Forget pending merges (freeze, regroup)."""
+        self.pending.clear()
+        self.skipped.clear()

@@ -1,0 +1,565 @@
+"""The scheduler plugin: handlers that validate a message, then act on a run.
+
+Every handler takes its message as keyword arguments (as Dask's RPC sends them),
+looks the run up through :meth:`TrainingPlugin._run` (which checks the secret),
+parses the rest with :mod:`daskdl.protocol`'s checks and only then changes state.
+A message that does not parse is answered :func:`~daskdl.protocol.refused`, with
+nothing changed and no traceback logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import time
+
+import jax
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.serialize import to_serialize
+
+from .. import config, protocol
+from ..checkpoint import CheckpointCut
+from ..errors import DaskDLError
+from ..policies import Contribution, Merged, SyncInfo
+from ..protocol import (LeaveReason, MemberEvent, ProtocolError, Status, StartRequest,
+                        SyncReply, SyncRequest, ok, refused)
+from ..tree import check_like
+from .membership import publish
+from .run import RunState
+
+logger = logging.getLogger("daskdl")
+
+INLINE_MERGE_BYTES = 16 * 2**20  # larger merges run in a thread, off the event loop
+OPT_STATE_FACTOR = 4  # an optimizer state is at most this many times the params' bytes
+
+
+@contextlib.contextmanager
+def parsing(what: str):
+    """Turn an unexpected exception while parsing ``what`` into a ProtocolError (one
+    warning line, no traceback)."""
+    try:
+        yield
+    except ProtocolError:
+        raise
+    except Exception as e:  # noqa: BLE001  (malformed input must never escape a handler)
+        logger.warning("daskdl: %s could not be parsed: %s", what, type(e).__name__)
+        raise ProtocolError(f"{what} could not be parsed ({type(e).__name__})") from None
+
+
+def handler(fn):
+    """Answer ``refused`` for a :class:`~daskdl.protocol.ProtocolError` raised by
+    ``fn`` (logged at debug level)."""
+    def answer(e: ProtocolError) -> dict:
+        logger.debug("daskdl: %s refused: %s", fn.__name__, e)
+        return refused(str(e))
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def wrapper(self, **msg):
+            try:
+                return await fn(self, **msg)
+            except ProtocolError as e:
+                return answer(e)
+    else:
+        @functools.wraps(fn)
+        def wrapper(self, **msg):
+            try:
+                return fn(self, **msg)
+            except ProtocolError as e:
+                return answer(e)
+    return wrapper
+
+
+def _aborted(st: RunState) -> dict:
+    return SyncReply(Status.ABORTED, st.version, reason=st.aborted or "",
+                     diverged=st.diverged).to_msg()
+
+
+async def _in_thread(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+class TrainingPlugin(SchedulerPlugin):
+    """Scheduler plugin holding the global parameters of daskdl training runs.
+
+    Attributes
+    ----------
+    runs : dict
+        ``run -> RunState`` of the runs started and not ended.
+    finished : dict
+        Ended runs, newest last, without parameters (for dashboards), at most
+        ``keep_finished``.
+    """
+
+    name = protocol.EXTENSION
+    idempotent = True
+    keep_finished = 10
+
+    def __init__(self):
+        self.runs: dict[str, RunState] = {}
+        self.finished: dict[str, RunState] = {}
+        self.scheduler = None
+
+    async def start(self, scheduler):
+        self.scheduler = scheduler
+        scheduler.extensions[protocol.EXTENSION] = self
+        scheduler.handlers.update({
+            protocol.START: self.start_run,
+            protocol.SYNC: self.sync,
+            protocol.PARAMS: self.get_params,
+            protocol.FREEZE: self.freeze,
+            protocol.REGROUP: self.regroup,
+            protocol.CHECKPOINT_META: self.checkpoint_meta,
+            protocol.CHECKPOINT_FLUSH: self.checkpoint_flush,
+            protocol.ABORT: self.abort,
+            protocol.INFO: self.info,
+            protocol.END: self.end_run,
+            protocol.LOCATIONS: self.locations,
+        })
+
+    def metrics(self) -> dict:
+        """``{run: metrics}`` of every current and recently ended run (see
+        :meth:`RunState.metrics`); what the dashboard page and Prometheus read."""
+        out = {run: st.metrics() for run, st in self.finished.items()}
+        out.update({run: st.metrics() for run, st in self.runs.items()})
+        return out
+
+    def _run(self, msg: dict, finished: bool = False) -> RunState:
+        """The run ``msg`` names, once its ``secret`` matched (ended runs too with
+        ``finished``); ProtocolError for an unknown run or a wrong secret."""
+        run = protocol.run_id(msg)
+        st = self.runs.get(run) or (self.finished.get(run) if finished else None)
+        if st is None:
+            raise ProtocolError(f"unknown training run {run!r}")
+        if not protocol.same_secret(msg.get("secret"), st.secret):
+            raise ProtocolError(f"wrong secret for training run {run!r}")
+        return st
+
+    # -- cluster events ------------------------------------------------------------------
+    def _training_at(self, address: str) -> list[tuple[RunState, int]]:
+        return [(st, rank) for st in list(self.runs.values()) if st.training
+                for rank in st.membership.ranks_at(address)]
+
+    def remove_worker(self, scheduler, worker: str, **kwargs):
+        todo = self._training_at(worker)
+        if todo:  # a coroutine only when there is something to do (the scheduler awaits it)
+            return self._drop_all(todo, LeaveReason.LEFT, "it left the cluster")
+        return None
+
+    def log_event(self, topic: str, msg) -> None:
+        """Dask pausing a worker (memory above ``distributed.worker.memory.pause``) takes
+        it out of the barriers, as if it had left: a paused worker starts no new round,
+        and the others would wait for it until ``daskdl.sync-timeout``.  When it runs
+        again it joins like a new worker."""
+        if not isinstance(msg, dict) or msg.get("action") != "worker-status-change":
+            return
+        if msg.get("status") == "paused":
+            todo = self._training_at(topic)
+            if todo:
+                asyncio.ensure_future(self._drop_all(
+                    todo, LeaveReason.PAUSED,
+                    "Dask paused it: its memory is above distributed.worker.memory.pause"))
+        elif msg.get("status") == "running" and msg.get("prev-status") == "paused":
+            self.add_worker(self.scheduler, topic)
+
+    def add_worker(self, scheduler, worker: str):
+        for st in list(self.runs.values()):
+            if st.training:
+                publish(self.scheduler, st.run, MemberEvent("joined", worker))
+
+    async def restart(self, scheduler):
+        for st in self.runs.values():
+            st.abort("the cluster was restarted")
+
+    async def close(self):
+        for st in self.runs.values():
+            st.abort("the scheduler is closing")
+            if st.cut is not None:
+                st.cut.close()
+
+    # -- membership ------------------------------------------------------------------------
+    async def _drop_all(self, todo: list, reason: LeaveReason, detail: str) -> None:
+        for st, rank in todo:
+            await self._drop(st, rank, reason, detail)
+
+    async def _drop(self, st: RunState, rank: int, reason: LeaveReason, detail: str) -> None:
+        """Take ``rank`` out of the current generation: no barrier waits for it any more.
+
+        A group merge that only waited for it runs now, with the contributions that
+        arrived; its rounds not yet merged go back to the plan (the client re-plans).
+        """
+        address = st.membership.drop(rank, reason, detail)
+        if address is None:
+            return
+        if not st.ending:
+            logger.warning("daskdl run %s: worker %s (rank %d) dropped: %s; training goes "
+                           "on with %d workers", st.run, address, rank, detail,
+                           len(st.members))
+        st.stats.event("lost", rank=rank, worker=address, reason=detail)
+        publish(self.scheduler, st.run, MemberEvent("lost", address, rank, reason, detail))
+        for clock in st.barrier.forget(rank):
+            await self._merge_group(st, clock)
+        st.release()
+
+    # -- handlers: run life cycle ----------------------------------------------------------
+    @handler
+    def start_run(self, **msg) -> dict:
+        """``daskdl_start(run, secret, params, policy, members, timeout, clock=0,
+        version=0, policy_state=None, restore=None, checkpoint=None,
+        max_rejections=None, max_samples=None, checkpoint_clocks=())``: start a run, or
+        restart it (the same trainer's next fit: same secret).  ``restore`` maps rank ->
+        ``{"opt_state", "params"}`` handed to each rank on its first parameter fetch;
+        ``checkpoint`` is ``{"store", "keep"}``."""
+        run, secret = protocol.run_id(msg), protocol.secret_field(msg)
+        old = self.runs.get(run) or self.finished.get(run)
+        if old is not None and not protocol.same_secret(secret, old.secret):
+            raise ProtocolError(f"training run {run!r} exists with another secret")
+        with parsing("daskdl_start"):
+            req = StartRequest.from_msg(msg)
+        if old is None:
+            self._make_room()
+        else:
+            self._retire(old, "the run was restarted", wait=True)
+        self.runs[run] = st = self._new_run(req, secret)
+        logger.info("daskdl run %s started with %d workers under %s(every=%d)",
+                    run, len(req.members), req.policy.name, req.policy.every)
+        return ok()
+
+    @staticmethod
+    def _new_run(req: StartRequest, secret: str) -> RunState:
+        st = RunState(req.run, secret, req.params, req.policy, req.members, req.timeout,
+                      clock=req.clock, version=req.version, policy_state=req.policy_state)
+        st.restore = dict(req.restore)
+        st.max_rejections = int(config.get("max-rejections", req.max_rejections))
+        if req.max_samples is not None:
+            st.max_samples = req.max_samples
+        if req.checkpoint is not None:
+            st.cut = CheckpointCut.open(req.checkpoint, req.checkpoint_clocks)
+        return st
+
+    def _retire(self, st: RunState, reason: str, wait: bool = False) -> None:
+        """Stop ``st`` and forget it (a restart, or room for a new run); ``wait`` for
+        its queued checkpoint writes (a restart: the last fit's state must be written)."""
+        st.ending = True
+        st.abort(reason, log=False)
+        if st.cut is not None:
+            st.cut.close(wait=wait)
+        self.runs.pop(st.run, None)
+        self.finished.pop(st.run, None)
+
+    def _make_room(self) -> None:
+        """Keep at most ``daskdl.max-runs`` runs: drop ended runs, then aborted ones,
+        oldest first; ProtocolError (and nothing dropped) when that is not enough."""
+        limit = int(config.get("max-runs"))
+        spare = list(self.finished.values()) + sorted(
+            (st for st in self.runs.values() if st.aborted is not None),
+            key=lambda st: st.started)
+        over = len(self.runs) + len(self.finished) + 1 - limit
+        if over > len(spare):
+            raise ProtocolError(f"{len(self.runs)} training runs are going on on this "
+                                f"scheduler (daskdl.max-runs = {limit}): end one, or raise "
+                                "daskdl.max-runs")
+        for st in spare[:max(over, 0)]:
+            self._retire(st, "too many runs on this scheduler (daskdl.max-runs)")
+
+    @handler
+    def abort(self, **msg) -> dict:
+        """``daskdl_abort(run, secret, reason)``: fail every waiting worker."""
+        st = self._run(msg)
+        reason = protocol._str(msg, "reason", 4096)
+        st.abort(reason)
+        return ok()
+
+    @handler
+    async def end_run(self, **msg) -> dict:
+        """``daskdl_end(run, secret, wait_checkpoints=True)``: end the run, keep it
+        without parameters for dashboards (and its secret, so that the same trainer may
+        start it again).  Replies ``checkpoint_errors``: the writes that failed."""
+        st = self._run(msg, finished=True)
+        wait = protocol.bool_field(msg, "wait_checkpoints", True)
+        if st.ended is not None or st.run not in self.runs:
+            return ok(checkpoint_errors=None)
+        st.ending = True
+        st.abort("the run ended", log=False)
+        errors = None if st.cut is None else await _in_thread(st.cut.close, wait)
+        st.strip()
+        if self.runs.get(st.run) is st:
+            del self.runs[st.run]
+            self.finished[st.run] = st
+            while len(self.finished) > self.keep_finished:
+                self.finished.pop(next(iter(self.finished)))
+        return ok(checkpoint_errors=errors)
+
+    @handler
+    def info(self, **msg) -> dict:
+        """``daskdl_info(run)``: clocks, membership, history, metrics (read only; no
+        secret), for a running or ended run."""
+        run = protocol.run_id(msg)
+        st = self.runs.get(run) or self.finished.get(run)
+        if st is None:
+            raise ProtocolError(f"unknown training run {run!r}")
+        return ok(**st.info())
+
+    @handler
+    def locations(self, **msg) -> dict:
+        """``daskdl_locations(keys)``: ``where = {key: address}`` of a worker holding
+        each key that is in memory (read only; keys not held are left out)."""
+        keys = protocol.keys_field(msg)
+        tasks = self.scheduler.tasks if self.scheduler is not None else {}
+        where = {}
+        for key in keys:
+            ts = tasks.get(key)
+            if ts is not None and ts.who_has:
+                where[key] = next(iter(ts.who_has)).address
+        return ok(where=where)
+
+    # -- handlers: generations ---------------------------------------------------------------
+    @handler
+    def freeze(self, **msg) -> dict:
+        """``daskdl_freeze(run, secret)``: stop the current generation; rounds not merged
+        yet are answered ``replan`` and discarded by their workers.  Replies ``done``
+        (rank -> rounds merged, lost ranks too), ``lost``, ``members``, ``aborted``."""
+        st = self._run(msg)
+        st.barrier.clear()
+        if st.cut is not None:
+            st.cut.opt.clear()
+        frozen = st.membership.freeze()
+        st.barrier.open_all()
+        return ok(aborted=st.aborted, **frozen)
+
+    @handler
+    def regroup(self, **msg) -> dict:
+        """``daskdl_regroup(run, secret, members, clock, checkpoint_clocks=())``: start
+        the next generation, every rank of ``members`` at ``clock``.  Each worker
+        fetches the global parameters at its first round.  Replies ``generation``."""
+        st = self._run(msg)
+        members = protocol.members_field(msg)
+        clock = protocol._int(msg, "clock")
+        planned = protocol.clocks_field(msg, "checkpoint_clocks")
+        if st.aborted:
+            return _aborted(st)
+        gen = st.membership.regroup(members, clock)
+        st.barrier.clear()
+        st.replies.clear()
+        st.strikes.clear()
+        if st.cut is not None:
+            st.cut.replan(planned, after=clock)
+        st.stats.regrouped(gen, clock, members)
+        logger.info("daskdl run %s: generation %d with %d workers from clock %d",
+                    st.run, gen, len(members), clock)
+        return ok(generation=gen)
+
+    @handler
+    def get_params(self, **msg) -> dict:
+        """``daskdl_params(run, secret, rank=None)``: the global parameters and their
+        ``version``; for a rank restored from a checkpoint, also its ``opt_state`` (and
+        its own ``params`` under policies such as EASGD), once."""
+        st = self._run(msg)
+        rank = None if msg.get("rank") is None else protocol._int(msg, "rank", 0, 1_000_000)
+        out = ok(params=to_serialize(st.leaves), version=st.version)
+        restore = st.restore.pop(rank, None) if rank is not None else None
+        if restore is not None:
+            if restore.get("params") is not None:
+                out["params"] = to_serialize(restore["params"])
+            out["opt_state"] = to_serialize(restore["opt_state"])
+        return out
+
+    # -- handlers: checkpoints ---------------------------------------------------------------
+    @handler
+    def checkpoint_meta(self, **msg) -> dict:
+        """``daskdl_checkpoint_meta(run, secret, clock, meta)``: what the client adds to
+        the checkpoint at ``clock`` (data position, plan); only for a planned clock."""
+        st = self._run(msg)
+        clock = protocol._int(msg, "clock")
+        if st.cut is None or not st.cut.wants(clock):
+            raise ProtocolError(f"no checkpoint is planned at clock {clock}")
+        with parsing("checkpoint meta"):
+            meta = protocol.load(msg.get("meta"), limit=64 * 2**20, what="meta")
+        if not isinstance(meta, dict):
+            raise ProtocolError("field 'meta' must be a dict")
+        st.cut.set_meta(clock, meta)
+        self._checkpoint(st)
+        return ok()
+
+    @handler
+    async def checkpoint_flush(self, **msg) -> dict:
+        """``daskdl_checkpoint_flush(run, secret)``: wait until the checkpoints queued so
+        far are written.  Replies ``errors``."""
+        st = self._run(msg)
+        if st.cut is None:
+            return ok(errors=[])
+        await _in_thread(st.cut.writer.wait)
+        return ok(errors=list(st.cut.writer.errors))
+
+    def _checkpoint(self, st: RunState) -> None:
+        """Submit every complete checkpoint cut of ``st``."""
+        if st.cut is None or not st.cut.meta or st.aborted:
+            return
+        m = st.membership
+        for clock in st.cut.take(m.members, m.done, st.version, st.leaves,
+                                 jax.tree_util.tree_leaves(st.policy_state), st.replies,
+                                 {"policy": st.policy.name, "members": len(m.members),
+                                  "generation": m.gen}):
+            st.stats.event("checkpoint", clock=clock, version=st.version)
+
+    # -- handlers: rounds ----------------------------------------------------------------------
+    @handler
+    async def sync(self, **msg) -> dict:
+        """``daskdl_sync(**SyncRequest(...).to_msg(secret))``: a worker finished round
+        ``clock``.  Merge per the policy, wait for the barrier, answer a
+        :class:`~daskdl.protocol.SyncReply`: ``OK`` (``params`` ``None``: continue
+        from what you sent), ``rejected`` (the update was not finite or not shaped like
+        the parameters: dropped; start again from the global ``params``), ``replan``
+        (the generation changed: the round is discarded) or ``aborted``."""
+        st = self._run(msg)
+        with parsing("daskdl_sync"):
+            req = SyncRequest.from_msg(msg)
+        if st.aborted:
+            return _aborted(st)
+        if not st.membership.current(req.gen, req.rank):
+            return SyncReply(Status.REPLAN, st.version).to_msg()
+        leaves, opt_state = self._accept(st, req)
+        try:
+            check_like(leaves, st.leaves, what=f"update of worker rank {req.rank}")
+        except DaskDLError as e:
+            return await self._reject(st, req.rank, req.clock, str(e))
+        arrived = time.time()
+        await self._arrive(st, req, leaves, opt_state)
+        if st.aborted:
+            return _aborted(st)
+        event = st.barrier.enter(req.rank)
+        st.release()
+        if not await st.barrier.wait(req.rank, event, st.timeout,
+                                     lambda: self._drop_silent(st, req)):
+            st.abort(f"worker rank {req.rank} waited {2 * st.timeout:g}s after round "
+                     f"{req.clock}; raise daskdl.sync-timeout if rounds are that slow")
+        return self._answer(st, req, leaves, time.time() - arrived)
+
+    def _accept(self, st: RunState, req: SyncRequest) -> tuple[list, list | None]:
+        """The update and optimizer state of ``req`` once its round, size and samples
+        are those the run expects (ProtocolError otherwise; nothing changed)."""
+        if st.barrier.is_waiting(req.rank):
+            raise ProtocolError(f"rank {req.rank} already waits after a round")
+        at = st.membership.clocks[req.rank]
+        if req.clock != at:
+            raise ProtocolError(f"rank {req.rank} is at clock {at}, not {req.clock}")
+        if req.samples > st.max_samples:
+            raise ProtocolError(f"{req.samples} samples in one round is more than the "
+                                f"{st.max_samples} a round holds")
+        with parsing("daskdl_sync params"):
+            leaves = protocol.leaves_field(req.params, st.nbytes, f"update of rank {req.rank}")
+        if req.opt_state is None or st.cut is None or not st.cut.wants(req.clock + 1):
+            return leaves, None
+        with parsing("daskdl_sync opt_state"):
+            return leaves, protocol.leaves_field(req.opt_state, OPT_STATE_FACTOR * st.nbytes,
+                                                 f"optimizer state of rank {req.rank}")
+
+    async def _arrive(self, st: RunState, req: SyncRequest, leaves: list, opt_state) -> None:
+        """Count a valid update: clocks, stats, optimizer state, and its merge."""
+        st.strikes.pop(req.rank, None)
+        st.membership.clocks[req.rank] = req.clock + 1
+        if opt_state is not None:
+            st.cut.keep_opt_state(req.clock + 1, req.rank, opt_state)
+        st.stats.arrived(req.rank, st.members[req.rank], req.clock, req.samples, req.version,
+                         req.loss, req.compute, sum(x.nbytes for x in leaves))
+        contribution = Contribution(req.rank, leaves, req.samples, req.version, req.loss)
+        if st.policy.group:
+            st.barrier.add(req.clock, contribution)
+            await self._merge_group(st, req.clock)
+        else:
+            await self._merge(st, [contribution], req.clock)
+
+    async def _drop_silent(self, st: RunState, req: SyncRequest) -> None:
+        """``req.rank`` waited ``daskdl.sync-timeout``: the ranks behind it are lost."""
+        mine = st.membership.clocks.get(req.rank, 0)
+        for r in sorted(r for r, c in st.membership.clocks.items() if c < mine):
+            await self._drop(st, r, LeaveReason.TIMED_OUT,
+                             f"it sent nothing for {st.timeout:g}s while rank {req.rank} "
+                             f"waited after round {req.clock} under {st.policy.name} "
+                             "(daskdl.sync-timeout)")
+
+    def _answer(self, st: RunState, req: SyncRequest, leaves: list, waited: float) -> dict:
+        """The reply to a sync that went through its barrier."""
+        if st.aborted:
+            return _aborted(st)
+        if st.membership.done.get(req.rank, 0) <= req.clock or req.gen != st.gen:
+            return SyncReply(Status.REPLAN, st.version).to_msg()  # frozen before merged
+        new = st.replies.pop(req.rank, st.leaves)
+        same = len(new) == len(leaves) and all(a is b for a, b in zip(new, leaves))
+        st.stats.replied(req.rank, waited, 0 if same else sum(x.nbytes for x in new))
+        return SyncReply(Status.OK, st.version, params=None if same else new,
+                         waited=waited).to_msg()
+
+    async def _reject(self, st: RunState, rank: int, clock: int, why: str) -> dict:
+        """Drop a bad update; the worker starts again from the global parameters.
+
+        A rejected update still counts as the rank's round, with nothing merged, so
+        that barriers and group merges go on.  After ``daskdl.max-rejections`` in a
+        row from one rank the run is aborted: the model itself diverges.
+        """
+        strikes = st.strikes[rank] = st.strikes.get(rank, 0) + 1
+        st.stats.rejected_update(rank, st.members[rank], clock, why)
+        logger.warning("daskdl run %s: update of rank %d after round %d rejected: %s",
+                       st.run, rank, clock, why)
+        if strikes >= st.max_rejections:
+            st.abort(f"{st.max_rejections} updates in a row from worker rank {rank} were "
+                     f"rejected; the last: {why}")
+            st.diverged = True
+            return _aborted(st)
+        st.membership.clocks[rank] = st.membership.done[rank] = clock + 1
+        if st.policy.group:
+            st.barrier.skip(clock, rank)
+            await self._merge_group(st, clock)
+        st.release()
+        return SyncReply(Status.REJECTED, st.version, params=st.leaves, reason=why).to_msg()
+
+    # -- merges --------------------------------------------------------------------------------
+    async def _merge_group(self, st: RunState, clock: int) -> None:
+        """Merge round ``clock`` of a group policy once every member has sent its update
+        (or had it rejected)."""
+        contributions = st.barrier.complete(clock, st.members)
+        if contributions:
+            await self._merge(st, contributions, clock)
+
+    async def _merge(self, st: RunState, contributions: list, clock: int) -> None:
+        """Merge ``contributions`` into the global parameters (in a thread above
+        ``INLINE_MERGE_BYTES``); a failing merge aborts the run."""
+        t0 = time.perf_counter()
+        try:
+            merged = await self._merged(st, contributions)
+        except Exception as e:  # noqa: BLE001  (a failing merge must never leave workers waiting)
+            st.abort(f"the {st.policy.name} merge of round {clock} failed: {e!r}")
+            return
+        if st.aborted or st.membership.frozen:
+            return
+        st.leaves, st.policy_state = list(merged.params), merged.state
+        st.replies.update(merged.replies or {})
+        st.version += 1
+        for c in contributions:
+            st.membership.done[c.rank] = max(st.membership.done.get(c.rank, 0), clock + 1)
+        st.stats.merged(contributions, clock, st.version, st.leaves, st.policy.sends,
+                        time.perf_counter() - t0)
+        self._checkpoint(st)
+
+    @staticmethod
+    async def _merged(st: RunState, contributions: list) -> Merged:
+        """Run the policy's merge and check its result is shaped like the parameters."""
+        args = (st.policy_state, st.leaves, contributions,
+                SyncInfo(st.version, tuple(sorted(st.members))))
+        if sum(x.nbytes for c in contributions for x in c.leaves) > INLINE_MERGE_BYTES:
+            merged = Merged(*await _in_thread(st.policy.merge, *args))
+        else:
+            merged = Merged(*st.policy.merge(*args))
+        check_like(merged.params, st.leaves, what=f"merge result of {st.policy.name}")
+        for r, rep in (merged.replies or {}).items():
+            check_like(rep, st.leaves, what=f"{st.policy.name} reply to rank {r}")
+        return merged
+
+
+def get_plugin(scheduler) -> TrainingPlugin | None:
+    """The :class:`TrainingPlugin` of a scheduler (for tests and diagnostics)."""
+    return scheduler.extensions.get(protocol.EXTENSION)

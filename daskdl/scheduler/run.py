@@ -1,0 +1,139 @@
+"""One training run as the scheduler holds it (:class:`RunState`).
+
+The run composes its parts, one concern each: :class:`~.membership.Membership`
+(generations, clocks), :class:`~.barrier.Barrier` (waiting, group merges),
+:class:`~.stats.Stats` (counters, history) and, when it writes checkpoints, a
+:class:`~daskdl.checkpoint.CheckpointCut`.  It owns the global parameters, their
+version, the policy and its state, and the run secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..checkpoint import CheckpointCut
+from ..policies import Policy
+from .barrier import Barrier
+from .membership import Membership
+from .stats import Stats
+
+logger = logging.getLogger("daskdl")
+
+
+class RunState:
+    """Everything the scheduler knows about one training run.
+
+    Parameters
+    ----------
+    run, secret : str
+        The run id and its secret (never logged or shown).
+    leaves : list of numpy arrays
+        The global parameters, flat.
+    policy : Policy
+    members : dict
+        ``rank -> worker address`` of the first generation.
+    timeout : float
+        ``daskdl.sync-timeout`` in seconds.
+    clock, version : int
+        Rounds every rank has finished, version of ``leaves`` (resumed runs).
+    policy_state
+        The policy's state (``policy.init(leaves)`` when ``None``).
+    """
+
+    def __init__(self, run: str, secret: str, leaves: list, policy: Policy,
+                 members: dict, timeout: float, clock: int = 0, version: int = 0,
+                 policy_state=None):
+        self.run, self.secret = run, secret
+        self.leaves = leaves
+        self.nbytes = sum(x.nbytes for x in leaves)  # the most a params payload may hold
+        self.version = version
+        self.policy = policy
+        self.policy_state = policy.init(leaves) if policy_state is None else policy_state
+        self.timeout = timeout
+        self.membership = Membership(members, clock)
+        self.barrier = Barrier()
+        self.stats = Stats(members)
+        self.cut: CheckpointCut | None = None
+        self.replies: dict[int, list] = {}  # rank -> leaves it continues from (EASGD)
+        self.restore: dict[int, dict] = {}  # rank -> {opt_state, params} from a checkpoint
+        self.strikes: dict[int, int] = {}  # rank -> rejected updates in a row
+        self.max_rejections = 3
+        self.max_samples = 2**62
+        self.aborted: str | None = None
+        self.diverged = False  # aborted because one rank's updates kept being rejected
+        self.ending = False  # daskdl_end was called: leaving workers are not news
+        self.started = time.time()
+        self.ended: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<RunState {self.run!r} generation {self.gen} version {self.version}>"
+
+    # the parts' state, by the names dashboards and tests read
+    members = property(lambda self: self.membership.members)
+    clocks = property(lambda self: self.membership.clocks)
+    done = property(lambda self: self.membership.done)
+    lost = property(lambda self: self.membership.lost)
+    gen = property(lambda self: self.membership.gen)
+    waiting = property(lambda self: self.barrier.waiting)
+    pending = property(lambda self: self.barrier.pending)
+    history = property(lambda self: self.stats.history)
+    rejected = property(lambda self: self.stats.rejected)
+
+    @property
+    def training(self) -> bool:
+        """Neither aborted nor ended."""
+        return self.aborted is None and self.ended is None
+
+    def abort(self, reason: str, log: bool = True) -> None:
+        """Stop the run: every waiting rank is answered ``aborted``."""
+        if self.aborted is None:
+            self.aborted = reason
+            if log:
+                logger.warning("daskdl run %s aborted: %s", self.run, reason)
+        self.barrier.open_all()
+
+    def release(self) -> None:
+        """Open the barrier of every waiting rank the policy lets go on."""
+        clocks = self.membership.clocks
+        if not clocks:
+            return
+        slowest = min(clocks.values())
+        for rank, clock in self.barrier.release(self.policy, clocks):
+            self.stats.event("release", rank=rank, clock=clock, slowest=slowest)
+
+    def strip(self) -> None:
+        """The run ended: drop what only training needs (parameters, pending rounds),
+        keep what dashboards read."""
+        self.ended = time.time()
+        self.leaves, self.policy_state, self.replies, self.restore = [], None, {}, {}
+        self.barrier.clear()
+        if self.cut is not None:
+            self.cut.opt.clear()
+
+    def metrics(self) -> dict:
+        """Aggregates for dashboards and Prometheus: plain numbers, cheap to compute."""
+        m = self.membership
+        writer = None if self.cut is None else self.cut.writer
+        out = {"run": self.run, "policy": self.policy.name, "every": self.policy.every,
+               "active": self.training, "aborted": self.aborted,
+               "started": self.started, "ended": self.ended, "workers": len(m.members),
+               "generation": m.gen, "version": self.version}
+        out.update(self.stats.metrics(m.clocks, m.members, self.started,
+                                      self.ended or time.time()))
+        out.update({"checkpoints": 0 if writer is None else writer.written,
+                    "checkpoint_blocked_s": 0.0 if writer is None else writer.blocked_s,
+                    "checkpoint_write_s": 0.0 if writer is None else writer.write_s,
+                    "checkpoints_skipped": 0 if writer is None else writer.skipped})
+        return out
+
+    def info(self) -> dict:
+        """Clocks, membership, history and metrics (``daskdl_info``)."""
+        m = self.membership
+        return {"run": self.run, "version": self.version, "policy": self.policy.name,
+                "every": self.policy.every, "generation": m.gen,
+                "members": dict(m.members), "clocks": dict(m.clocks), "done": dict(m.done),
+                "lost": {r: dict(v) for r, v in m.lost.items()}, "aborted": self.aborted,
+                "history": list(self.stats.history),
+                "merge_seconds": self.stats.merge_seconds, "rejected": self.stats.rejected,
+                "metrics": self.metrics()}
