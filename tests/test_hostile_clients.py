@@ -43,6 +43,8 @@ def fuzz_messages(run: str, secret: str) -> list:
             out.append((protocol.SYNC, dict(sync, rank=rank, clock=clock, secret=wrong,
                                             params=[np.zeros(3, np.float32)])))
     for v in bad_values:
+        if v == 10**15:  # a far clock is a valid regroup for the run's own client
+            v = -(10**15)
         out += [(protocol.REGROUP, dict(run=run, secret=secret, members={"0": "a"}, clock=v)),
                 (protocol.REGROUP, dict(run=run, secret=secret, members=v, clock=3)),
                 (protocol.CHECKPOINT_META, dict(run=run, secret=secret, clock=v, meta={})),
@@ -50,6 +52,8 @@ def fuzz_messages(run: str, secret: str) -> list:
                 (protocol.LOCATIONS, dict(keys=v))]
     for h in (protocol.ABORT, protocol.FREEZE, protocol.END, protocol.CHECKPOINT_FLUSH):
         out.append((h, dict(run=run, secret=wrong, reason="hostile")))
+        out.append((h, dict(run=run, reason="hostile")))
+        out.append((h, dict(run="someone-else", secret=secret, reason="hostile")))
     out += [(protocol.REGROUP, dict(run=run, secret=wrong, members={"0": "a"}, clock=3)),
             (protocol.START, dict(run=run, secret=wrong, params=[], policy=None,
                                   members={"0": "a"}, timeout=1)),
@@ -74,13 +78,15 @@ def test_malformed_and_hostile_messages_change_nothing(client2, digits, caplog):
 
     other = Client(client2.scheduler.address, set_as_default=False)
     metrics_url = client2.dashboard_link.replace("/status", "/metrics")
-    state = {"replies": [], "metrics": [], "thread": None, "error": None}
+    state = {"replies": [], "metrics": [], "thread": None, "error": None, "during": 0,
+             "fit_done": False}
 
     def attack(run, secret):
         try:
             for i, (handler, kwargs) in enumerate(fuzz_messages(run, secret)):
                 state["replies"].append(
                     (handler, other.sync(getattr(other.scheduler, handler), **kwargs)))
+                state["during"] += not state["fit_done"]
                 if i % 25 == 0:
                     with urllib.request.urlopen(metrics_url, timeout=10) as r:
                         state["metrics"].append(r.status)
@@ -101,6 +107,7 @@ def test_malformed_and_hostile_messages_change_nothing(client2, digits, caplog):
                          seed=3) as tr:
             on_round.trainer = tr
             tr.fit(ds, epochs=5, verbose=False, callbacks=[on_round])
+            state["fit_done"] = True
             state["thread"].join(60)
             disturbed, info = jax.tree_util.tree_leaves(tr.params), tr.info()
             secret = tr._secret
@@ -108,9 +115,11 @@ def test_malformed_and_hostile_messages_change_nothing(client2, digits, caplog):
         other.close()
 
     assert state["error"] is None, state["error"]
-    assert len(state["replies"]) >= 200
-    statuses = {rep.get("status") for _, rep in state["replies"]}
-    assert statuses <= {"refused", "replan"}, statuses
+    assert state["during"] >= 200  # sent while the run trained
+    read_only = (protocol.INFO, protocol.LOCATIONS)  # answer anyone, change nothing
+    accepted = [(h, rep) for h, rep in state["replies"] if h not in read_only
+                and rep.get("status") not in ("refused", "replan")]
+    assert not accepted, accepted[:3]
     assert state["metrics"] and set(state["metrics"]) == {200}
     assert info["rejected"] == 0 and info["generation"] == 0 and not info["lost"]
     for a, b in zip(reference, disturbed):
