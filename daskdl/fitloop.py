@@ -98,6 +98,7 @@ class FitResult:
     clock: int = 0
     leaves: list | None = None  # parameters read from a checkpoint (resume)
     source: object = None  # where the dataset's chunks are at the end
+    starved_passes: int = 0  # passes that ended with a rank starved of rounds (stays 0)
 
 
 def epoch_record(label: int, rounds: list, seconds: float, regroups: int) -> dict:
@@ -191,7 +192,6 @@ class FitLoop:
         self.meta_sent: set = set()
         self.regroups = self.samples_seen = 0
         self.wake = threading.Event()  # set when a round's future is done
-        self.starved_passes = 0  # passes that ended with a rank starved (must stay 0)
         self.t_fit = self.t_epoch = time.perf_counter()
         fit_start = int(resume["meta"]["fit_start"]) if resume is not None else start.epoch
         self.fit_start, self.end_epoch = fit_start, fit_start + int(epochs)
@@ -388,7 +388,7 @@ class FitLoop:
             if self.callbacks:  # otherwise metrics come once per epoch
                 self.report()
         if self.queues.starved() and not self.members.changed.is_set():
-            self.starved_passes += 1
+            self.result.starved_passes += 1
         self.close_epochs()
         return True
 

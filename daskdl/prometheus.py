@@ -19,7 +19,9 @@ name                                        type     meaning
 ``daskdl_run_samples_total``                counter  samples trained on, all workers
 ``daskdl_run_samples_per_second``           gauge    samples/s since the run started
 ``daskdl_run_loss``                         gauge    sample-weighted loss of the last merge
-``daskdl_run_rejected_updates_total``       counter  updates refused (wrong shape/dtype)
+``daskdl_run_rejected_updates_total``       counter  updates refused (NaN/Inf, wrong shape/dtype)
+``daskdl_run_generation``                   gauge    re-plans so far (workers left or joined)
+``daskdl_run_checkpoints_total``            counter  checkpoints written
 ``daskdl_run_merge_seconds_total``          counter  time the scheduler spent merging
 ``daskdl_worker_clock``                     gauge    rounds the worker finished
 ``daskdl_worker_staleness``                 gauge    rounds behind the fastest worker

@@ -105,7 +105,7 @@ def same_secret(given, expected: str) -> bool:
 
 
 # -- field checks ------------------------------------------------------------------------
-def _int(msg: Mapping, name: str, lo: int = 0, hi: int = 2**62, default=...) -> int:
+def int_field(msg: Mapping, name: str, lo: int = 0, hi: int = 2**62, default=...) -> int:
     v = msg.get(name, default)
     if v is ...:
         raise ProtocolError(f"missing field {name!r}")
@@ -116,7 +116,7 @@ def _int(msg: Mapping, name: str, lo: int = 0, hi: int = 2**62, default=...) -> 
     return int(v)
 
 
-def _float(msg: Mapping, name: str, default=..., allow_none: bool = False,
+def float_field(msg: Mapping, name: str, default=..., allow_none: bool = False,
            lo: float = -math.inf, hi: float = math.inf) -> float | None:
     v = msg.get(name, default)
     if v is ...:
@@ -133,19 +133,19 @@ def _float(msg: Mapping, name: str, default=..., allow_none: bool = False,
     return v
 
 
-def _opt_int(msg: Mapping, name: str, lo: int = 0, hi: int = 2**62) -> int | None:
+def opt_int_field(msg: Mapping, name: str, lo: int = 0, hi: int = 2**62) -> int | None:
     """An integer field that may be missing or ``None``."""
-    return None if msg.get(name) is None else _int(msg, name, lo, hi)
+    return None if msg.get(name) is None else int_field(msg, name, lo, hi)
 
 
 def _rank_key(k, name: str) -> int:
     """A rank as a mapping key (an integer, or its decimal string over the wire)."""
     if isinstance(k, str) and k.isdecimal() and len(k) <= 7:
         k = int(k)
-    return _int({name: k}, name, 0, 1_000_000)
+    return int_field({name: k}, name, 0, 1_000_000)
 
 
-def _str(msg: Mapping, name: str, max_len: int = 256, default=...) -> str:
+def str_field(msg: Mapping, name: str, max_len: int = 256, default=...) -> str:
     v = msg.get(name, default)
     if v is ...:
         raise ProtocolError(f"missing field {name!r}")
@@ -157,7 +157,7 @@ def _str(msg: Mapping, name: str, max_len: int = 256, default=...) -> str:
 
 def run_id(msg: Mapping) -> str:
     """The ``run`` field of any message."""
-    return _str(msg, "run", 64)
+    return str_field(msg, "run", 64)
 
 
 def members_field(msg: Mapping, name: str = "members") -> dict[int, str]:
@@ -183,12 +183,12 @@ def clocks_field(msg: Mapping, name: str, limit: int = 1_000_000) -> frozenset:
         return frozenset()
     if not isinstance(v, (list, tuple, set, frozenset)) or len(v) > limit:
         raise ProtocolError(f"field {name!r} must be a list of at most {limit} clocks")
-    return frozenset(_int({"c": c}, "c") for c in v)
+    return frozenset(int_field({"c": c}, "c") for c in v)
 
 
 def secret_field(msg: Mapping) -> str:
     """The ``secret`` field: a non-empty string (compare it with :func:`same_secret`)."""
-    return _str(msg, "secret", 256)
+    return str_field(msg, "secret", 256)
 
 
 def bool_field(msg: Mapping, name: str, default=...) -> bool:
@@ -282,12 +282,12 @@ class SyncRequest:
 
     @classmethod
     def from_msg(cls, msg: Mapping) -> "SyncRequest":
-        return cls(run=run_id(msg), rank=_int(msg, "rank", 0, 1_000_000),
-                   clock=_int(msg, "clock"), gen=_int(msg, "gen", 0, 2**31, default=0),
-                   samples=_int(msg, "samples", 0), version=_int(msg, "version", -1),
+        return cls(run=run_id(msg), rank=int_field(msg, "rank", 0, 1_000_000),
+                   clock=int_field(msg, "clock"), gen=int_field(msg, "gen", 0, 2**31, default=0),
+                   samples=int_field(msg, "samples", 0), version=int_field(msg, "version", -1),
                    params=msg.get("params"),
-                   loss=_float(msg, "loss", None, allow_none=True),
-                   compute=_float(msg, "compute", 0.0, lo=0.0, hi=1e9),
+                   loss=float_field(msg, "loss", None, allow_none=True),
+                   compute=float_field(msg, "compute", 0.0, lo=0.0, hi=1e9),
                    opt_state=msg.get("opt_state"))
 
     def to_msg(self, secret: str) -> dict:
@@ -364,7 +364,7 @@ def checkpoint_field(obj) -> dict | None:
         return None
     if not isinstance(v, Mapping) or v.get("store") is None:
         raise ProtocolError("field 'checkpoint' must be {'store': ..., 'keep': n}")
-    return {"store": v["store"], "keep": _int(v, "keep", 1, 1_000_000)}
+    return {"store": v["store"], "keep": int_field(v, "keep", 1, 1_000_000)}
 
 
 @dataclass(frozen=True)
@@ -402,13 +402,13 @@ class StartRequest:
             raise ProtocolError("field 'policy' must be a daskdl Policy")
         return cls(run=run_id(msg), params=params, policy=policy,
                    members=members_field(msg),
-                   timeout=_float(msg, "timeout", lo=1e-3, hi=1e7),
-                   clock=_int(msg, "clock", default=0), version=_int(msg, "version", default=0),
+                   timeout=float_field(msg, "timeout", lo=1e-3, hi=1e7),
+                   clock=int_field(msg, "clock", default=0), version=int_field(msg, "version", default=0),
                    policy_state=load(msg.get("policy_state"), what="policy_state"),
                    restore=restore_field(msg.get("restore")),
                    checkpoint=checkpoint_field(msg.get("checkpoint")),
-                   max_rejections=_opt_int(msg, "max_rejections", 1, 1_000_000),
-                   max_samples=_opt_int(msg, "max_samples", 1),
+                   max_rejections=opt_int_field(msg, "max_rejections", 1, 1_000_000),
+                   max_samples=opt_int_field(msg, "max_samples", 1),
                    checkpoint_clocks=clocks_field(msg, "checkpoint_clocks"))
 
     def to_msg(self, secret: str) -> dict:

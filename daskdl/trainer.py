@@ -44,6 +44,37 @@ def _start_local_cluster() -> Client:
     return Client(cluster, set_as_default=False)
 
 
+def _client_or_local_cluster(client: Client | None) -> tuple[Client, bool]:
+    """``client``, else the default client, else a new ``LocalCluster``'s (owned)."""
+    if client is not None:
+        return client, False
+    try:
+        return default_client(), False
+    except ValueError:
+        return _start_local_cluster(), True
+
+
+def _check_arguments(loss_fn, params, optimizer, batch_size, min_workers,
+                     checkpoint_every) -> None:
+    """Errors that name the bad argument, before anything reaches the cluster."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {loss_fn!r}")
+    check_params(params)
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), "
+            f"got {type(optimizer).__name__}"
+        )
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(min_workers, (int, np.integer)) or min_workers < 1:
+        raise ValueError(f"min_workers must be a positive integer, got {min_workers!r}")
+    if checkpoint_every is not None and (
+            not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1):
+        raise ValueError("checkpoint_every must be a positive number of rounds or None, "
+                         f"got {checkpoint_every!r}")
+
+
 def _close_client(client: Client) -> None:
     cluster = client.cluster
     client.close()
@@ -96,22 +127,8 @@ class Trainer:
                  client: Client | None = None, seed: int = 0,
                  rounds_ahead: int | None = None, sync_timeout=None, min_workers: int = 1,
                  checkpoint=None, checkpoint_every: int | None = None):
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {loss_fn!r}")
-        check_params(params)
-        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-            raise TypeError(
-                f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), "
-                f"got {type(optimizer).__name__}"
-            )
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(min_workers, (int, np.integer)) or min_workers < 1:
-            raise ValueError(f"min_workers must be a positive integer, got {min_workers!r}")
-        if checkpoint_every is not None and (
-                not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1):
-            raise ValueError("checkpoint_every must be a positive number of rounds or None, "
-                             f"got {checkpoint_every!r}")
+        _check_arguments(loss_fn, params, optimizer, batch_size, min_workers,
+                         checkpoint_every)
         from .checkpoint import checkpoint_spec
 
         self.checkpoint = checkpoint_spec(checkpoint)
@@ -140,15 +157,8 @@ class Trainer:
         self._fits = 0
         self._placements: dict = {}
 
-        self._owns_client = False
-        if client is None:
-            try:
-                client = default_client()
-            except ValueError:
-                client = _start_local_cluster()
-                self._owns_client = True
-        self.client = client
-        self._finalizer = weakref.finalize(self, Trainer._cleanup, client, self.run,
+        self.client, self._owns_client = _client_or_local_cluster(client)
+        self._finalizer = weakref.finalize(self, Trainer._cleanup, self.client, self.run,
                                            self._secret, self._owns_client)
         self._register()
 
@@ -333,6 +343,7 @@ class Trainer:
     def _finish_fit(self, result: FitResult) -> None:
         """Apply what a fit did; fetch the global parameters; end the run on the
         scheduler (a run whose fit returned is not training)."""
+        self._last_fit = result
         if result.leaves is not None:
             self._leaves = result.leaves
         self.history[:] = result.history

@@ -165,7 +165,8 @@ async def test_handlers_over_rpc_and_unknown_run(c, s):
     assert reply["status"] == "OK" and reply["version"] == 0
     assert (await c.scheduler.daskdl_end(run="r", secret=SECRET))["status"] == "OK"
     info = await c.scheduler.daskdl_info(run="r")  # an ended run is still shown
-    assert info["status"] == "OK" and info["aborted"] == "the run ended"
+    assert info["status"] == "OK" and info["aborted"] is None  # ended, not failed
+    assert not info["metrics"]["active"] and info["metrics"]["ended"] is not None
     assert (await c.scheduler.daskdl_info(run="nope"))["status"] == "refused"
 
 

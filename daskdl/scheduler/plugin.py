@@ -270,7 +270,7 @@ class TrainingPlugin(SchedulerPlugin):
     def abort(self, **msg) -> dict:
         """``daskdl_abort(run, secret, reason)``: fail every waiting worker."""
         st = self._run(msg)
-        reason = protocol._str(msg, "reason", 4096)
+        reason = protocol.str_field(msg, "reason", 4096)
         st.abort(reason)
         return ok()
 
@@ -284,7 +284,8 @@ class TrainingPlugin(SchedulerPlugin):
         if st.ended is not None or st.run not in self.runs:
             return ok(checkpoint_errors=None)
         st.ending = True
-        st.abort("the run ended", log=False)
+        if st.barrier.waiting:  # nobody should wait once fit returned; free them if so
+            st.abort("the run ended", log=False)
         errors = None if st.cut is None else await _in_thread(st.cut.close, wait)
         st.strip()
         if self.runs.get(st.run) is st:
@@ -338,7 +339,7 @@ class TrainingPlugin(SchedulerPlugin):
         fetches the global parameters at its first round.  Replies ``generation``."""
         st = self._run(msg)
         members = protocol.members_field(msg)
-        clock = protocol._int(msg, "clock")
+        clock = protocol.int_field(msg, "clock")
         planned = protocol.clocks_field(msg, "checkpoint_clocks")
         if st.aborted:
             return _aborted(st)
@@ -359,7 +360,7 @@ class TrainingPlugin(SchedulerPlugin):
         ``version``; for a rank restored from a checkpoint, also its ``opt_state`` (and
         its own ``params`` under policies such as EASGD), once."""
         st = self._run(msg)
-        rank = None if msg.get("rank") is None else protocol._int(msg, "rank", 0, 1_000_000)
+        rank = None if msg.get("rank") is None else protocol.int_field(msg, "rank", 0, 1_000_000)
         out = ok(params=to_serialize(st.leaves), version=st.version)
         restore = st.restore.pop(rank, None) if rank is not None else None
         if restore is not None:
@@ -374,7 +375,7 @@ class TrainingPlugin(SchedulerPlugin):
         """``daskdl_checkpoint_meta(run, secret, clock, meta)``: what the client adds to
         the checkpoint at ``clock`` (data position, plan); only for a planned clock."""
         st = self._run(msg)
-        clock = protocol._int(msg, "clock")
+        clock = protocol.int_field(msg, "clock")
         if st.cut is None or not st.cut.wants(clock):
             raise ProtocolError(f"no checkpoint is planned at clock {clock}")
         with parsing("checkpoint meta"):
