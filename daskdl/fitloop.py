@@ -43,7 +43,7 @@ from distributed.protocol.serialize import to_serialize
 from . import config, protocol, schedule
 from .errors import DaskDLError, RoundDiscarded, SyncAborted
 from .protocol import Faults, LeaveReason, MemberEvent, RoundSpec
-from .replica import run_round
+from .replica import run_rounds
 from .workerenv import worker_info
 
 logger = logging.getLogger("daskdl")
@@ -65,6 +65,13 @@ class FitConfig:
     checkpoint: object = None
     checkpoint_every: int | None = None
     faults: dict = field(default_factory=dict)  # rank -> (slowdown, NaN clocks | "all")
+    rounds_per_task: int = 1
+
+    @property
+    def tasks_ahead(self) -> int:
+        """Tasks in flight per worker: ``rounds_ahead`` rounds, at least two tasks (one
+        running, the next queued on the worker)."""
+        return max(2, -(-self.rounds_ahead // self.rounds_per_task))
 
     def faults_for(self, rank: int, clock: int) -> Faults | None:
         """Fault injection for a round (only under config ``daskdl.testing``)."""
@@ -265,7 +272,7 @@ class FitLoop:
     def build_queues(self) -> None:
         """Per-rank queues of this generation's rounds, and the checkpoint clocks."""
         self.queues = schedule.RoundQueues(self.entries, len(self.workers),
-                                           self.cfg.rounds_ahead)
+                                           self.cfg.tasks_ahead, self.cfg.rounds_per_task)
         self.ckpt_clocks = ({} if self.cfg.checkpoint is None else
                             schedule.checkpoint_clocks(self.entries, self.cfg.checkpoint_every))
         self.bar.total = self.bar.n + self.queues.queued
@@ -282,30 +289,41 @@ class FitLoop:
         return meta
 
     # -- rounds ----------------------------------------------------------------------
-    def round_task(self, i: int, rank: int, k: int, clock: int):
-        """The ``daskdl-round-...`` task of worker ``rank`` (a Delayed) and its info."""
+    def round_spec(self, i: int, rank: int, k: int, clock: int) -> RoundSpec:
+        """What round ``k`` of entry ``i`` is for worker ``rank``."""
         en = self.entries[i]
         plan = en.plan
         segs = plan.round_segments(rank, k)
-        chunks = tuple(dict.fromkeys(s.chunk for s in segs))
-        addr = self.workers[rank]
         reader = self.source.reader
-        spec = RoundSpec(
+        return RoundSpec(
             run=self.cfg.run, fit=self.start_at.fit_id, gen=self.gen, epoch=en.label,
             round=k, rank=rank, clock=clock, first_clock=self.first_clock,
             steps=plan.round_steps(k), batch_size=self.cfg.batch_size,
             segments=tuple((s.chunk, s.start, s.stop, s.epoch) for s in segs),
-            chunks=chunks, names=tuple(self.dataset.names), timeout=self.cfg.sync_timeout,
+            chunks=tuple(dict.fromkeys(s.chunk for s in segs)),
+            names=tuple(self.dataset.names), timeout=self.cfg.sync_timeout,
             sends=self.cfg.policy.sends, checkpoint=(clock + 1) in self.ckpt_clocks,
             source=reader, next_chunks=self._next_chunks(i, rank, k) if reader else (),
-            faults=self.cfg.faults_for(rank, clock))
-        blocks = self.source.round_inputs(self.c, chunks, addr, clock)
+            faults=self.cfg.faults_for(rank, clock), secede=self.source.kind == "graph")
+
+    def round_task(self, rank: int, rounds: list):
+        """The task running ``rounds`` (``(entry, round, clock)``, consecutive) of worker
+        ``rank`` (a Delayed), and its info.  Its key names its first round:
+        ``daskdl-round-<run>-<epoch>-<round>-<rank>``."""
+        specs = tuple(self.round_spec(i, rank, k, clock) for i, k, clock in rounds)
+        chunks = tuple(dict.fromkeys(c for sp in specs for c in sp.chunks))
+        addr, first = self.workers[rank], specs[0]
+        blocks = self.source.round_inputs(self.c, chunks, addr, first.clock)
         suffix = f"-g{self.gen}" if self.gen else ""
-        key = f"{protocol.ROUND_PREFIX}-{self.cfg.run}-{en.label}-{k}-{rank}{suffix}"
-        with dask.annotate(workers=[addr], allow_other_workers=False, priority=-clock):
-            d = dask.delayed(run_round, pure=False)(spec, *blocks, dask_key_name=key)
-        return d, {"gen": self.gen, "rank": rank, "label": en.label, "round": k,
-                   "clock": clock, "segments": segs}
+        key = (f"{protocol.ROUND_PREFIX}-{self.cfg.run}-{first.epoch}-{first.round}-{rank}"
+               f"{suffix}")
+        with dask.annotate(workers=[addr], allow_other_workers=False, priority=-first.clock):
+            d = dask.delayed(run_rounds, pure=False)(specs, chunks if blocks else (),
+                                                     *blocks, dask_key_name=key)
+        segments = {sp.clock: self.entries[i].plan.round_segments(rank, k)
+                    for sp, (i, k, _) in zip(specs, rounds)}
+        return d, {"gen": self.gen, "rank": rank, "segments": segments,
+                   "labels": [sp.epoch for sp in specs]}
 
     def _next_chunks(self, i: int, rank: int, k: int) -> tuple:
         """Chunks of ``rank``'s next round (prefetched by a worker reading Zarr)."""
@@ -324,12 +342,13 @@ class FitLoop:
         to its worker and prioritised by its clock.  Rounds do not depend on each
         other, so the next one starts on the worker without a scheduler round trip."""
         new = []
-        for rank, i, k, clock in self.queues.take():
-            K = clock + 1
-            if K in self.ckpt_clocks and K not in self.meta_sent:
-                self.meta_sent.add(K)
-                self.call(protocol.CHECKPOINT_META, clock=K, meta=self.checkpoint_meta(K))
-            new.append(self.round_task(i, rank, k, clock))
+        for rank, rounds in self.queues.take():
+            for _, _, clock in rounds:
+                K = clock + 1
+                if K in self.ckpt_clocks and K not in self.meta_sent:
+                    self.meta_sent.add(K)
+                    self.call(protocol.CHECKPOINT_META, clock=K, meta=self.checkpoint_meta(K))
+            new.append(self.round_task(rank, rounds))
         if not new:
             return
         futs = self.c.compute([d for d, _ in new], optimize_graph=False)
@@ -398,9 +417,9 @@ class FitLoop:
         if info["gen"] != self.gen or fut.status == "cancelled":
             return False
         if fut.status == "finished":
-            self.queues.finished(info["rank"], info["label"])
+            self.queues.finished(info["rank"], info["labels"])
             self.unreported[fut.key] = info
-            self.bar.update(1)
+            self.bar.update(len(info["labels"]))
             return True
         if fut.status != "error":  # lost: its worker left with the task or its result
             self.members.changed.set()
@@ -424,16 +443,16 @@ class FitLoop:
             return
         infos = list(self.unreported.values())
         self.unreported.clear()
-        got = self._gather(infos)
-        by_round = {(i["rank"], i["clock"]): i for i in infos}
+        got = [r for task in self._gather(infos) for r in task]
+        task_of = {(i["rank"], clock): i for i in infos for clock in i["segments"]}
         for r in sorted(got, key=lambda r: (r["clock"], r["rank"])):
-            info = by_round[(r["rank"], r["clock"])]
+            info = task_of[(r["rank"], r["clock"])]
             self.reported.add((info["gen"], r["rank"], r["clock"]))
             if r.get("rejected"):
                 self.result.rejected_rounds.append(r)
             else:
-                self._cover(info["segments"])
-                self.epoch_rounds[info["label"]].append(r)
+                self._cover(info["segments"][r["clock"]])
+                self.epoch_rounds[r["epoch"]].append(r)
             self.samples_seen += r["samples"]
             for cb in self.callbacks:
                 cb(r)

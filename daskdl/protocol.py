@@ -476,7 +476,10 @@ class RoundSpec:
     ``segments`` are ``(chunk, start, stop, permutation epoch)`` in the plan's order;
     ``chunks`` the distinct chunks the round reads (the task's data arguments follow
     that order, one block per name); ``source`` reads chunks on the worker itself
-    (Zarr), with ``next_chunks`` to prefetch.
+    (Zarr), with ``next_chunks`` to prefetch.  ``secede``: the round leaves the
+    worker's thread pool while it waits in the barrier, so that tasks other workers
+    need from this one (chunks of a Dask graph computed here) can run meanwhile; with
+    data that needs no task here (scattered, Zarr) it stays, and no thread is started.
     """
 
     run: str
@@ -498,6 +501,7 @@ class RoundSpec:
     source: Any = None
     next_chunks: tuple = ()
     faults: Faults | None = None
+    secede: bool = True  # leave the thread pool while waiting in the barrier
 
     @property
     def samples(self) -> int:

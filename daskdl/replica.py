@@ -275,21 +275,24 @@ class Replica(WorkerPlugin):
 
     def sync(self, spec: RoundSpec, leaves: list, samples: int, loss: float,
              compute_s: float, state) -> SyncReply:
-        """Send the contribution; wait (seceded: this worker's thread is free for
-        tasks other workers need from it) for the policy's answer."""
+        """Send the contribution; wait for the policy's answer (seceded when
+        ``spec.secede``: this worker's thread is then free for tasks other workers
+        need from it)."""
         opt_state = None
         if spec.checkpoint:  # this rank's part of the checkpoint cut after this round
             opt_state = to_serialize([np.asarray(x) for x in flatten(state.opt_state)[0]])
         req = SyncRequest(run=self.run, rank=spec.rank, clock=spec.clock, gen=spec.gen,
                           samples=samples, version=self.version, params=to_serialize(leaves),
                           loss=loss, compute=compute_s, opt_state=opt_state)
-        secede()
+        if spec.secede:
+            secede()
         try:
             # Dask's fine performance metrics: activity "daskdl-sync" under daskdl-round
             with context_meter.meter("daskdl-sync"):
                 reply = self._call(protocol.SYNC, **req.to_msg(self._secret))
         finally:
-            rejoin()
+            if spec.secede:
+                rejoin()
         return SyncReply.from_msg(reply)
 
     def apply(self, spec: RoundSpec, reply: SyncReply, before) -> None:
@@ -360,14 +363,20 @@ def _deltas(new, old):
     return [a - b for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old))]
 
 
-def run_round(spec: RoundSpec, *blocks) -> dict:
-    """The body of a ``daskdl-round-...`` task: one round of ``spec`` on this worker."""
+def run_rounds(specs: tuple, chunks: tuple, *blocks) -> list[dict]:
+    """The body of a ``daskdl-round-...`` task: consecutive rounds ``specs`` of one
+    rank on this worker.  ``blocks`` hold one array per name for each of ``chunks``
+    (none when the worker reads the store itself).  Returns each round's metrics."""
     worker = get_worker()
-    replica = worker.plugins.get(replica_name(spec.run))
+    run = specs[0].run
+    replica = worker.plugins.get(replica_name(run))
     if replica is None:
-        raise SyncAborted(f"no replica of training run {spec.run} on worker "
+        raise SyncAborted(f"no replica of training run {run} on worker "
                           f"{worker.address}; was the trainer closed?")
-    return replica.run_round(spec, blocks)
+    width = len(specs[0].names)
+    by_chunk = {c: blocks[i * width:(i + 1) * width] for i, c in enumerate(chunks)}
+    return [replica.run_round(spec, tuple(a for c in spec.chunks for a in by_chunk.get(c, ())))
+            for spec in specs]
 
 
 # -- evaluation and prediction on workers ------------------------------------------------
@@ -400,4 +409,4 @@ def predict_chunk(apply_fn, token: str, params, batch_size: int, x):
     return predict_block(_cached("apply", token, apply_fn), params, np.asarray(x), batch_size)
 
 
-__all__ = ["Replica", "RoundOrder", "gather_batches", "run_round"]
+__all__ = ["Replica", "RoundOrder", "gather_batches", "run_rounds"]

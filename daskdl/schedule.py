@@ -182,22 +182,26 @@ def replan(entries: Sequence[Entry], done: Mapping[int, int], args: PlanArgs,
 
 
 class RoundQueues:
-    """Each rank's rounds ``(entry index, round, clock)`` in clock order, and how many
-    are in flight.
+    """Each rank's rounds ``(entry index, round, clock)`` in clock order, handed out as
+    *tasks* of up to ``per_task`` consecutive rounds, with at most ``ahead`` tasks in
+    flight per rank.
 
-    ``take()`` gives the rounds to submit so that every rank has ``ahead`` in flight
-    (or all it has left); ``due()`` says whether a top-up is worth a message: some
-    rank with rounds left is down to ``low`` in flight.  Call ``due()`` after
-    accounting for *every* round that finished, not only the first one: a rank whose
-    rounds all finished in one pass must be topped up in that pass (else it ends the
-    pass with nothing in flight while the others wait for it).
+    ``take()`` gives the tasks to submit so that every rank has ``ahead`` in flight (or
+    all it has left); ``due()`` says whether a top-up is worth a message: some rank
+    with rounds left is down to ``low`` tasks in flight.  Call ``due()`` after
+    accounting for *every* task that finished, not only the first one: a rank whose
+    tasks all finished in one pass must be topped up in that pass (else it ends the
+    pass with nothing in flight while the others wait for it).  A task may span an
+    epoch boundary, so workers never idle between epochs.
     """
 
-    def __init__(self, entries: Sequence[Entry], n_workers: int, ahead: int):
+    def __init__(self, entries: Sequence[Entry], n_workers: int, ahead: int,
+                 per_task: int = 1):
         self.ahead = max(1, int(ahead))
+        self.per_task = max(1, int(per_task))
         self.low = self.ahead // 2
         self.queue = {r: collections.deque() for r in range(n_workers)}
-        self.inflight = collections.Counter()
+        self.inflight = collections.Counter()  # rank -> tasks in flight
         self.outstanding = collections.Counter()  # label -> rounds queued or in flight
         for i, en in enumerate(entries):
             for k in range(en.first, en.plan.rounds):
@@ -212,25 +216,27 @@ class RoundQueues:
     def empty(self) -> bool:
         return not any(self.queue.values())
 
-    def take(self) -> list[tuple[int, int, int, int]]:
-        """``(rank, entry index, round, clock)`` to submit now; counted as in flight."""
+    def take(self) -> list[tuple[int, list]]:
+        """``(rank, [(entry index, round, clock), ...])`` tasks to submit now, counted
+        as in flight."""
         out = []
         for rank, q in self.queue.items():
             while self.inflight[rank] < self.ahead and q:
-                i, k, clock = q.popleft()
-                out.append((rank, i, k, clock))
+                rounds = [q.popleft() for _ in range(min(self.per_task, len(q)))]
+                out.append((rank, rounds))
                 self.inflight[rank] += 1
         return out
 
-    def finished(self, rank: int, label: int) -> None:
-        """A round of ``rank`` counted towards epoch ``label`` finished."""
+    def finished(self, rank: int, labels: Sequence[int]) -> None:
+        """A task of ``rank`` finished; ``labels``: the epoch of each of its rounds."""
         self.inflight[rank] -= 1
-        self.outstanding[label] -= 1
+        for label in labels:
+            self.outstanding[label] -= 1
 
     def due(self) -> bool:
-        """True when some rank with rounds left has ``low`` or fewer in flight."""
+        """True when some rank with rounds left has ``low`` or fewer tasks in flight."""
         return any(q and self.inflight[r] <= self.low for r, q in self.queue.items())
 
     def starved(self) -> list[int]:
-        """Ranks with rounds left and none in flight (must be empty after ``take``)."""
+        """Ranks with rounds left and no task in flight (must be empty after ``take``)."""
         return [r for r, q in self.queue.items() if q and self.inflight[r] <= 0]

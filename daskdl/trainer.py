@@ -102,7 +102,9 @@ class Trainer:
     seed : the shard plan, shuffles and chunk placement depend only on it (same
         seed and same number of workers give bit-identical parameters).
     rounds_ahead, sync_timeout : ``None`` reads ``daskdl.rounds-ahead`` and
-        ``daskdl.sync-timeout`` from config.  A worker that sends nothing for
+        ``daskdl.sync-timeout`` from config.  Rounds run as tasks of
+        ``daskdl.rounds-per-task`` consecutive rounds each (see "Scaling out" in the
+        guide).  A worker that sends nothing for
         ``sync_timeout`` while others wait for it counts as lost.
     min_workers : below this many workers, ``fit`` pauses (with a message) until
         workers come back, and fails after ``daskdl.min-workers-wait``.
@@ -141,6 +143,7 @@ class Trainer:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rounds_ahead = max(1, int(config.get("rounds-ahead", rounds_ahead)))
+        self.rounds_per_task = max(1, int(config.get("rounds-per-task")))
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
         self.max_rejections = int(config.get("max-rejections"))
         self._faults = _faults_from_config()
@@ -336,6 +339,7 @@ class Trainer:
         return FitConfig(
             run=self.run, secret=self._secret, policy=self.policy, batch_size=self.batch_size,
             seed=self.seed, rounds_ahead=self.rounds_ahead, sync_timeout=self.sync_timeout,
+            rounds_per_task=self.rounds_per_task,
             min_workers=self.min_workers, max_rejections=self.max_rejections,
             checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
             faults=self._faults)

@@ -27,8 +27,8 @@ class Cluster:
         self.fin = {r: 0 for r in range(n_workers)}  # rounds finished per rank
 
     def submit(self, q):
-        for rank, _, _, clock in q.take():
-            self.phys[rank].append(clock)
+        for rank, rounds in q.take():  # one round per task here
+            self.phys[rank].append(rounds[0][2])
 
     def ready(self):
         return [r for r, cs in self.phys.items() if cs and all(
@@ -74,7 +74,7 @@ def old_rule(q, done, cluster):
     half, before the pass's other finished rounds are accounted for."""
     topped = False
     for rank, _ in done:
-        q.finished(rank, 0)
+        q.finished(rank, [0])
         if not topped and q.inflight[rank] <= q.low:
             cluster.submit(q)
             topped = True
@@ -83,7 +83,7 @@ def old_rule(q, done, cluster):
 def new_rule(q, done, cluster):
     """Account for every finished round, then top up if any rank is due."""
     for rank, _ in done:
-        q.finished(rank, 0)
+        q.finished(rank, [0])
     if done and q.due():
         cluster.submit(q)
 
@@ -108,12 +108,25 @@ def test_round_queues_take_in_clock_order_and_count_outstanding_rounds():
     total = sum(e.plan.rounds for e in en) * 2
     assert q.queued == total and q.outstanding[0] == en[0].plan.rounds * 2
     got = q.take()
-    assert [c for r, _, _, c in got if r == 0] == [0, 1, 2]
+    assert [rounds[0][2] for r, rounds in got if r == 0] == [0, 1, 2]
     assert q.take() == []  # the window is full
-    q.finished(0, 0)
+    q.finished(0, [0])
     assert not q.due()  # 2 in flight > 3 // 2
-    q.finished(0, 0)
-    assert q.due() and [c for r, _, _, c in q.take()] == [3, 4]
+    q.finished(0, [0])
+    assert q.due() and [rounds[0][2] for r, rounds in q.take()] == [3, 4]
+
+
+def test_tasks_of_several_rounds_span_epoch_boundaries():
+    en = entries(2, 2)
+    R = en[0].plan.rounds
+    q = schedule.RoundQueues(en, 2, ahead=2, per_task=R - 1)
+    first, second = [rounds for r, rounds in q.take() if r == 0]
+    assert [c for _, _, c in first] == list(range(R - 1))
+    assert [c for _, _, c in second] == list(range(R - 1, 2 * R - 2))  # epoch 0 -> 1
+    assert {en[i].label for i, _, _ in second} == {0, 1}
+    q.finished(0, [en[i].label for i, _, _ in first])
+    q.finished(1, [0] * (R - 1))
+    assert q.outstanding[0] == 2 and q.due()
 
 
 # -- checkpoint clocks and data positions ---------------------------------------------

@@ -117,12 +117,15 @@ def test_fit_history_coverage_rounds_and_tasks(client2, digits):
     for r in tr.rounds:
         last[r["worker"]] = r["compiles"]
     assert set(last.values()) == {2 if steps % 5 else 1}
-    # rounds are named tasks pinned to the worker of their rank
+    # rounds run as named tasks of rounds-per-task rounds, pinned to their rank's worker
+    import dask
+
+    per, R = dask.config.get("daskdl.rounds-per-task"), hist[0]["rounds"]
     keys = {}
     for t in ts.data:
         if str(t["key"]).startswith("daskdl-round-"):
             keys[t["key"]] = t["worker"]
-    assert len(keys) == 3 * hist[0]["rounds"] * w
+    assert len(keys) == (-(-2 * R // per) + -(-R // per)) * w  # fits of 2 and 1 epochs
     rank_worker = {r["rank"]: r["worker"] for r in tr.rounds}
     assert len(set(rank_worker.values())) == 2
     for key, worker in keys.items():
@@ -275,11 +278,11 @@ def test_a_round_that_starts_early_waits_for_the_rounds_before_it(client1):
         loop = FitLoop(client1, tr._fit_config(), FitStart(tr._leaves, 0, 0, [], 1), ds, 1,
                        [], _progress_bar(0, False), tr._place)
         loop.start()  # places the data, plans the epoch, starts the run on the scheduler
-        late = client1.compute(loop.round_task(0, 0, 1, 1)[0], optimize_graph=False)
+        late = client1.compute(loop.round_task(0, [(0, 1, 1)])[0], optimize_graph=False)
         time.sleep(1.0)
         assert late.status == "pending"  # started, waiting for round 0
-        early = client1.compute(loop.round_task(0, 0, 0, 0)[0], optimize_graph=False)
-        r0, r1 = early.result(timeout=60), late.result(timeout=60)
+        early = client1.compute(loop.round_task(0, [(0, 0, 0)])[0], optimize_graph=False)
+        (r0,), (r1,) = early.result(timeout=60), late.result(timeout=60)
         assert (r0["version"], r1["version"]) == (1, 2)
         arrivals = [h["clock"] for h in tr.info()["history"] if h["kind"] == "arrive"]
         assert arrivals == [0, 1]

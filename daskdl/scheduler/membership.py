@@ -11,6 +11,8 @@ workers present (*regroup*).  Every change is published to the run's client as a
 
 from __future__ import annotations
 
+import collections
+
 from .. import protocol
 from ..protocol import LeaveReason, MemberEvent
 
@@ -42,7 +44,7 @@ class Membership:
     def _begin(self, members: dict[int, str], clock: int) -> None:
         self.frozen = False
         self.members = dict(members)
-        self.clocks = {rank: clock for rank in members}
+        self.clocks = Clocks({rank: clock for rank in members})
         self.done = {rank: clock for rank in members}
         self.lost: dict[int, dict] = {}
 
@@ -82,3 +84,33 @@ def publish(scheduler, run: str, event: MemberEvent) -> None:
     """Tell the client of ``run`` that membership changed (a scheduler event)."""
     if scheduler is not None:
         scheduler.log_event(protocol.event_topic(run), event.to_msg(run))
+
+
+class Clocks(dict):
+    """``rank -> rounds sent``, keeping ``slowest`` (the smallest clock) in O(1) per
+    change: clocks move up by one at a time, so few distinct values exist at once."""
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self._count = collections.Counter(self.values())
+
+    @property
+    def slowest(self) -> int:
+        return min(self._count) if self._count else 0
+
+    def __setitem__(self, rank, clock) -> None:
+        old = self.get(rank)
+        if old is not None:
+            self._uncount(old)
+        super().__setitem__(rank, clock)
+        self._count[clock] += 1
+
+    def _uncount(self, clock) -> None:
+        self._count[clock] -= 1
+        if not self._count[clock]:
+            del self._count[clock]
+
+    def pop(self, rank, *default):
+        if rank in self:
+            self._uncount(self[rank])
+        return super().pop(rank, *default)

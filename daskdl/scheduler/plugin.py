@@ -432,7 +432,7 @@ class TrainingPlugin(SchedulerPlugin):
         await self._arrive(st, req, leaves, opt_state)
         if st.aborted:
             return _aborted(st)
-        event = st.barrier.enter(req.rank)
+        event = st.barrier.enter(req.rank, st.membership.clocks.get(req.rank, req.clock + 1))
         st.release()
         if not await st.barrier.wait(req.rank, event, st.timeout,
                                      lambda: self._drop_silent(st, req)):

@@ -98,7 +98,7 @@ class RunState:
         clocks = self.membership.clocks
         if not clocks:
             return
-        slowest = min(clocks.values())
+        slowest = clocks.slowest
         for rank, clock in self.barrier.release(self.policy, clocks):
             self.stats.event("release", rank=rank, clock=clock, slowest=slowest)
 
