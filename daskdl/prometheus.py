@@ -47,37 +47,40 @@ from .protocol import EXTENSION
 
 NAMESPACE = "daskdl"
 
-# (name, type, help, key in metrics()); type "counter" gets ``_total`` from prometheus_client
-RUN_METRICS = [
-    ("run_active", "gauge", "1 while the run trains, 0 once it ended or aborted", "active"),
-    ("run_workers", "gauge", "Workers in the run", "workers"),
-    ("run_version", "gauge", "Merges done: version of the global parameters", "version"),
-    ("run_samples", "counter", "Samples trained on by all workers", "samples"),
-    ("run_samples_per_second", "gauge", "Samples per second since the run started",
-     "samples_per_s"),
-    ("run_loss", "gauge", "Sample-weighted training loss of the last merge", "loss"),
-    ("run_rejected_updates", "counter",
-     "Worker updates refused (NaN/Inf, wrong shape, dtype or tree structure)", "rejected"),
-    ("run_generation", "gauge", "Re-plans so far: workers left or joined", "generation"),
-    ("run_checkpoints", "counter", "Checkpoints written", "checkpoints"),
-    ("run_merge_seconds", "counter", "Seconds the scheduler spent merging", "merge_seconds"),
-]
-WORKER_METRICS = [
-    ("worker_clock", "gauge", "Rounds the worker finished", "clock"),
-    ("worker_staleness", "gauge", "Rounds the worker is behind the fastest one", "staleness"),
-    ("worker_rounds", "counter", "Rounds the worker synchronised", "rounds"),
-    ("worker_samples", "counter", "Samples the worker trained on", "samples"),
-    ("worker_compute_seconds", "counter", "Seconds the worker spent computing rounds",
-     "compute_s"),
-    ("worker_wait_seconds", "counter", "Seconds the worker waited in barriers", "wait_s"),
-    ("worker_sent_bytes", "counter", "Bytes of parameters sent to the scheduler", "bytes_in"),
-    ("worker_received_bytes", "counter", "Bytes of parameters received from the scheduler",
-     "bytes_out"),
-    ("worker_loss", "gauge", "Training loss of the worker's last round", "loss"),
-    ("worker_divergence", "gauge",
-     "Norm of the difference between the worker's and the global parameters at its last sync",
-     "divergence"),
-]
+def _table(text: str) -> list:
+    """``(name, type, help, key in metrics())`` from lines ``name type key help``; type
+    "counter" gets ``_total`` from prometheus_client."""
+    rows = []
+    for line in text.strip().splitlines():
+        name, kind, key, help_ = line.split(maxsplit=3)
+        rows.append((name, kind, help_, key))
+    return rows
+
+
+RUN_METRICS = _table("""
+run_active                 gauge   active        1 while the run trains, 0 once it ended or aborted
+run_workers                gauge   workers       Workers in the run
+run_version                gauge   version       Merges done: version of the global parameters
+run_samples                counter samples       Samples trained on by all workers
+run_samples_per_second     gauge   samples_per_s Samples per second since the run started
+run_loss                   gauge   loss          Sample-weighted training loss of the last merge
+run_rejected_updates       counter rejected      Worker updates refused (NaN/Inf, wrong shape, dtype or tree structure)
+run_generation             gauge   generation    Re-plans so far: workers left or joined
+run_checkpoints            counter checkpoints   Checkpoints written
+run_merge_seconds          counter merge_seconds Seconds the scheduler spent merging
+""")
+WORKER_METRICS = _table("""
+worker_clock               gauge   clock         Rounds the worker finished
+worker_staleness           gauge   staleness     Rounds the worker is behind the fastest one
+worker_rounds              counter rounds        Rounds the worker synchronised
+worker_samples             counter samples       Samples the worker trained on
+worker_compute_seconds     counter compute_s     Seconds the worker spent computing rounds
+worker_wait_seconds        counter wait_s        Seconds the worker waited in barriers
+worker_sent_bytes          counter bytes_in      Bytes of parameters sent to the scheduler
+worker_received_bytes      counter bytes_out     Bytes of parameters received from the scheduler
+worker_loss                gauge   loss          Training loss of the worker's last round
+worker_divergence          gauge   divergence    Norm of the difference between the worker's and the global parameters at its last sync
+""")
 
 
 def _number(x) -> float | None:
