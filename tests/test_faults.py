@@ -110,7 +110,9 @@ def test_killed_worker_with_nanny_training_goes_on(policy, digits, no_fault_accu
             info = tr.info()
         assert state["killed"] is not None and state["joined"]
         assert len(hist) == EPOCHS and info["aborted"] is None
-        assert info["generation"] >= 2  # re-planned twice: lost, then joined
+        # re-planned for the loss and the join (once if the new worker was already
+        # there when the client re-planned for the loss)
+        assert info["generation"] >= 1
         assert len(info["members"]) == 2
         assert len(client.scheduler_info()["workers"]) == 2  # the nanny's new worker
         workers_used = {r["worker"] for r in rounds}
