@@ -237,9 +237,10 @@ class Trainer:
         """Optimizer steps each worker takes per epoch of ``dataset`` with
         ``n_workers`` (default: the workers now present): ``epochs *`` this is the
         ``decay_steps`` of a schedule that decays over the whole training."""
-        n = n_workers or len(self._workers()[0])
-        return make_plan(dataset.chunks, n, self.batch_size, self.policy.every,
-                         self.seed, self._epoch).steps
+        from .plan import steps_per_epoch
+
+        return steps_per_epoch(dataset, n_workers or len(self._workers()[0]),
+                               self.batch_size)
 
     def _call(self, op: str, **kwargs) -> dict:
         """Call a handler of this run on the scheduler plugin (with the run secret)."""

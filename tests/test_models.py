@@ -326,3 +326,56 @@ def test_a_resynced_worker_counts_global_steps(client2, digits):
             counts = tr.client.run(_counts, run=tr.run)
             assert tr.steps == tr.steps_per_epoch(ds) > 0
     assert all(c == [tr.steps, tr.steps] for c in counts.values()), counts
+
+
+def _devices(dask_worker):
+    return len(jax.local_devices())
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_two_devices_in_one_worker_equal_one_device(client1, digits, shard):
+    from distributed import Client, LocalCluster
+
+    from daskdl.workerenv import cluster_config
+
+    ds = _ds(digits, 400)
+    variables = bn_variables()
+
+    def train(client, **kw):
+        with ddl.Trainer(bn_loss, variables["params"], optax.adam(1e-2),
+                         state=variables["batch_stats"], policy=ddl.BSP(every=2),
+                         batch_size=16, client=client, seed=2, **kw) as tr:
+            tr.fit(ds, epochs=1, verbose=False)
+            return tr.params, tr.state
+
+    with cluster_config():
+        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                               dashboard_address=":0",
+                               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    with cluster, Client(cluster, set_as_default=False) as client:
+        assert list(client.run(_devices).values()) == [2]
+        two = train(client, shard_params=shard)
+    one = train(client1)
+    for a, b in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(one)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="no GPU here: run benchmarks/gpu_check.py on a "
+                    "machine with GPUs (jax[cuda])")
+def test_gpu_check_script():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script), "--small"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "gpu check: OK" in out.stdout
