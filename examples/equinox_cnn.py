@@ -57,28 +57,15 @@ def accuracy(model, batch):
 
 
 def main(small: bool = False):
-    from dask.distributed import Client, LocalCluster
-
     import daskdl as ddl
-    from daskdl.workerenv import cluster_config
-    from flax_cnn import digits_split
+    from flax_cnn import run
 
-    train, test = digits_split()
-    epochs = 2 if small else 12
-    with cluster_config():
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
-    with cluster, Client(cluster) as client:
-        steps = epochs * ddl.steps_per_epoch(train, n_workers=2, batch_size=32)
-        opt = optax.adam(optax.cosine_decay_schedule(3e-3, steps))
-        trainer = ddl.Trainer(loss_fn, CNN(jax.random.PRNGKey(0)), opt,
-                              policy=ddl.BSP(every=4), batch_size=32, client=client, seed=0)
-        for rec in trainer.fit(train, epochs=epochs, verbose=False):
-            print(f"epoch {rec['epoch']:2d}  loss {rec['loss']:.4f}  "
-                  f"{rec['samples'] / rec['seconds']:8.0f} samples/s")
-        assert isinstance(trainer.params, CNN)
-        acc = trainer.evaluate(test, accuracy)["accuracy"]
-        trainer.close()
-    print(f"test accuracy: {acc:.3f}")
+    def make_trainer(client, total_steps):
+        opt = optax.adam(optax.cosine_decay_schedule(3e-3, total_steps))
+        return ddl.Trainer(loss_fn, CNN(jax.random.PRNGKey(0)), opt,
+                           policy=ddl.BSP(every=4), batch_size=32, client=client, seed=0)
+
+    run(make_trainer, accuracy, epochs=2 if small else 12)
 
 
 if __name__ == "__main__":

@@ -70,29 +70,37 @@ def digits_split():
     return ddl.Dataset.from_arrays(x=x, y=d.target.astype(np.int32)).split(0.8, seed=0)
 
 
-def main(small: bool = False):
+def run(make_trainer, metric, epochs: int) -> None:
+    """Train ``make_trainer(client, total_steps)`` on two local workers; print each
+    epoch and, last, the test accuracy (shared with ``equinox_cnn.py``)."""
     from dask.distributed import Client, LocalCluster
 
     import daskdl as ddl
     from daskdl.workerenv import cluster_config
 
     train, test = digits_split()
-    epochs = 2 if small else 12
+    # optimizer step counters count global steps: decay over the whole run
+    total = epochs * ddl.steps_per_epoch(train, n_workers=2, batch_size=32)
     with cluster_config():
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
-    with cluster, Client(cluster) as client:
-        params, stats = init()
-        # the schedule counts global steps: decay over the whole run
-        steps = epochs * ddl.steps_per_epoch(train, n_workers=2, batch_size=32)
-        opt = optax.adamw(optax.cosine_decay_schedule(3e-3, steps), weight_decay=1e-4)
-        trainer = ddl.Trainer(loss_fn, params, opt, state=stats, policy=ddl.BSP(every=4),
-                              batch_size=32, client=client, seed=0)
+    with cluster, Client(cluster) as client, make_trainer(client, total) as trainer:
         for rec in trainer.fit(train, epochs=epochs, verbose=False):
-            print(f"epoch {rec['epoch']:2d}  loss {rec['loss']:.4f}  "
-                  f"{rec['samples'] / rec['seconds']:8.0f} samples/s")
-        acc = trainer.evaluate(test, accuracy)["accuracy"]
-        trainer.close()
-    print(f"test accuracy: {acc:.3f}")
+            rate = rec["samples"] / rec["seconds"]
+            print(f"epoch {rec['epoch']:2d}  loss {rec['loss']:.4f}  {rate:8.0f} samples/s")
+        result = trainer.evaluate(test, metric)
+    print(f"test accuracy: {result['accuracy']:.3f}")
+
+
+def main(small: bool = False):
+    import daskdl as ddl
+
+    def make_trainer(client, total_steps):
+        params, stats = init()
+        opt = optax.adamw(optax.cosine_decay_schedule(3e-3, total_steps), weight_decay=1e-4)
+        return ddl.Trainer(loss_fn, params, opt, state=stats, policy=ddl.BSP(every=4),
+                           batch_size=32, client=client, seed=0)
+
+    run(make_trainer, accuracy, epochs=2 if small else 12)
 
 
 if __name__ == "__main__":
