@@ -5,7 +5,7 @@ from .encryption import ChunkAuthenticationError
 from .dashboard import DashboardPlugin
 from .data import Dataset
 from .errors import DaskDLError, DatasetError, SyncAborted, TrainingDiverged
-from .plan import EpochPlan, make_plan
+from .plan import EpochPlan, make_plan, steps_per_epoch
 from .policies import (
     BSP,
     DiLoCo,
@@ -57,6 +57,7 @@ __all__ = [
     "TrainingDiverged",
     "WorkerEnvironment",
     "make_plan",
+    "steps_per_epoch",
     "worker_environment",
 ]
 

@@ -90,6 +90,8 @@ class FitStart:
     clock: int
     history: list
     fit_id: int
+    state: list = field(default_factory=list)  # the model state, flat ([] without)
+    steps: int = 0  # global optimizer steps taken before this fit
 
 
 @dataclass
@@ -237,7 +239,8 @@ class FitLoop:
                   timeout=self.cfg.sync_timeout, clock=self.first_clock, version=version,
                   policy_state=to_serialize(policy_state), restore=to_serialize(restore),
                   checkpoint=ckpt, max_rejections=self.cfg.max_rejections,
-                  max_samples=self._max_samples(), checkpoint_clocks=sorted(self.ckpt_clocks))
+                  max_samples=self._max_samples(), checkpoint_clocks=sorted(self.ckpt_clocks),
+                  state=to_serialize(self.start_at.state), steps=self.start_at.steps)
         self.c.subscribe_topic(protocol.event_topic(self.cfg.run), self.members.on_event)
 
     def _members_msg(self) -> dict:

@@ -13,8 +13,12 @@ What JAX workers need from a job, and how :func:`jobqueue_kwargs` provides it:
   also repairs it at run time;
 * **a JAX compilation cache on a shared path** — ``compile_cache="/shared/jax-cache"``
   lets hundreds of workers reuse one compilation instead of each paying it;
-* **GPUs** — ``gpus=1`` asks for one GPU per job (``--gres=gpu:1`` on SLURM); the
-  scheduler sets ``CUDA_VISIBLE_DEVICES``, so each worker sees its own device.
+* **GPUs** — install ``jax[cuda12]`` in the workers' environment; ``gpus=n`` asks
+  for n GPUs per job (``--gres=gpu:n`` on SLURM); the batch system sets
+  ``CUDA_VISIBLE_DEVICES``.  A worker that sees several GPUs runs each round on a
+  mesh of all of them (the batch split across them; params replicated, or sharded
+  with ``Trainer(shard_params=True)``); one GPU per job gives one device per worker.
+  ``benchmarks/gpu_check.py`` checks a GPU node.
 
 Examples
 --------

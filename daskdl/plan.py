@@ -163,6 +163,24 @@ def make_plan(chunk_sizes: Sequence[int], n_workers: int, batch_size: int,
                      chunk_sizes=chunk_sizes, pieces=pieces, steps=share // batch_size)
 
 
+def steps_per_epoch(dataset, n_workers: int, batch_size: int) -> int:
+    """Optimizer steps each worker takes per epoch of ``dataset`` (a
+    :class:`~daskdl.Dataset` or its chunk sizes) with ``n_workers`` workers and
+    ``batch_size`` samples per step on each: ``(n // n_workers) // batch_size``.
+
+    daskdl's optimizer step counters count global steps (a joining worker starts
+    from the global count), so a schedule decaying over a whole ``fit`` uses
+    ``decay_steps = epochs * steps_per_epoch(...)``.
+
+    Examples
+    --------
+    >>> steps_per_epoch([100, 100, 37], n_workers=2, batch_size=16)
+    7
+    """
+    chunks = getattr(dataset, "chunks", dataset)
+    return (sum(int(c) for c in chunks) // int(n_workers)) // int(batch_size)
+
+
 def chunk_permutation(seed: int, epoch: int, chunk: int, size: int) -> np.ndarray:
     """The order in which chunk ``chunk``'s samples are taken in ``epoch``."""
     return np.random.default_rng([seed, epoch, chunk]).permutation(size)

@@ -64,6 +64,7 @@ class Contribution(NamedTuple):
     samples: int  # samples trained on in this round
     version: int  # version of the global params the worker started the round from
     loss: float | None = None  # mean training loss of the round
+    state: Sequence[np.ndarray] | None = None  # the model state after the round, flat
 
 
 class SyncInfo(NamedTuple):
@@ -218,6 +219,24 @@ def outer_step(outer):
         return Merged([np.array(x) for x in new], jax.tree_util.tree_map(np.asarray, state))
 
     return init, merge
+
+
+def state_mean(contributions: Sequence[Contribution]) -> list | None:
+    """The model state after a merge, whatever the policy: the sample-weighted mean of
+    the contributions' states, integer leaves from the lowest rank (``None`` when the
+    model has no state).
+
+    Examples
+    --------
+    >>> c0 = Contribution(0, [], 10, 0, state=[np.array([1.0]), np.array(3)])
+    >>> c1 = Contribution(1, [], 30, 0, state=[np.array([5.0]), np.array(7)])
+    >>> [x.tolist() for x in state_mean([c1, c0])]
+    [[4.0], 3]
+    """
+    have = sorted((c for c in contributions if c.state is not None), key=lambda c: c.rank)
+    if not have:
+        return None
+    return weighted_mean([c.state for c in have], [c.samples for c in have])
 
 
 # -- presets ----------------------------------------------------------------------------------

@@ -279,6 +279,8 @@ class SyncRequest:
     loss: float | None = None
     compute: float = 0.0
     opt_state: Any = field(default=None, repr=False)
+    state: Any = field(default=None, repr=False)  # the model state's leaves (or None)
+    steps: int = 0  # optimizer steps the round took
 
     @classmethod
     def from_msg(cls, msg: Mapping) -> "SyncRequest":
@@ -288,7 +290,8 @@ class SyncRequest:
                    params=msg.get("params"),
                    loss=float_field(msg, "loss", None, allow_none=True),
                    compute=float_field(msg, "compute", 0.0, lo=0.0, hi=1e9),
-                   opt_state=msg.get("opt_state"))
+                   opt_state=msg.get("opt_state"), state=msg.get("state"),
+                   steps=int_field(msg, "steps", 0, 2**31, default=0))
 
     def to_msg(self, secret: str) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -311,14 +314,20 @@ class SyncReply:
     waited: float = 0.0
     reason: str = ""
     diverged: bool = False
+    state: Any = field(default=None, repr=False)  # the merged model state (None: yours)
+    steps: int = -1  # global optimizer steps at the worker's clock (-1: unknown)
 
     def to_msg(self) -> dict:
         d = {"status": self.status.value, "version": self.version, "waited": self.waited,
-             "reason": self.reason, "diverged": self.diverged}
+             "reason": self.reason, "diverged": self.diverged, "steps": self.steps}
         if self.params is not None:
             from distributed.protocol.serialize import to_serialize
 
             d["params"] = to_serialize(self.params)
+        if self.state is not None:
+            from distributed.protocol.serialize import to_serialize
+
+            d["state"] = to_serialize(self.state)
         return d
 
     @classmethod
@@ -326,7 +335,9 @@ class SyncReply:
         return cls(status=Status(msg["status"]), version=int(msg.get("version", -1)),
                    params=load(msg["params"]) if msg.get("params") is not None else None,
                    waited=float(msg.get("waited", 0.0)), reason=str(msg.get("reason", "")),
-                   diverged=bool(msg.get("diverged", False)))
+                   diverged=bool(msg.get("diverged", False)),
+                   state=load(msg["state"]) if msg.get("state") is not None else None,
+                   steps=int(msg.get("steps", -1)))
 
 
 def _leaves_or_none(obj, what: str) -> list | None:
@@ -389,6 +400,8 @@ class StartRequest:
     max_rejections: int | None = None
     max_samples: int | None = None
     checkpoint_clocks: frozenset = frozenset()
+    state: list = field(default_factory=list, repr=False)  # the model state's leaves
+    steps: int = 0  # global optimizer steps at ``clock``
 
     @classmethod
     def from_msg(cls, msg: Mapping) -> "StartRequest":
@@ -409,14 +422,16 @@ class StartRequest:
                    checkpoint=checkpoint_field(msg.get("checkpoint")),
                    max_rejections=opt_int_field(msg, "max_rejections", 1, 1_000_000),
                    max_samples=opt_int_field(msg, "max_samples", 1),
-                   checkpoint_clocks=clocks_field(msg, "checkpoint_clocks"))
+                   checkpoint_clocks=clocks_field(msg, "checkpoint_clocks"),
+                   state=_leaves_or_none(msg.get("state"), "state") or [],
+                   steps=int_field(msg, "steps", 0, 2**62, default=0))
 
     def to_msg(self, secret: str) -> dict:
         """The keyword arguments of ``scheduler.daskdl_start`` (payloads serialized)."""
         from distributed.protocol.serialize import to_serialize
 
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("params", "policy", "policy_state", "restore", "checkpoint"):
+        for name in ("params", "policy", "policy_state", "restore", "checkpoint", "state"):
             if d[name] is not None:
                 d[name] = to_serialize(d[name])
         d["checkpoint_clocks"] = sorted(self.checkpoint_clocks)

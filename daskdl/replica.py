@@ -30,6 +30,7 @@ trip between two rounds): :class:`RoundOrder` runs them in clock order.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -47,7 +48,8 @@ from .errors import RoundDiscarded, SyncAborted, TrainingDiverged
 from .plan import chunk_permutation, round_permutation
 from .protocol import RoundSpec, Status, SyncReply, SyncRequest
 from .sources import ChunkReader
-from .step import init_state, make_train_steps
+from .step import DeviceMesh, init_state, make_train_steps, set_step_count
+from .model import takes_key
 from .tree import flatten, unflatten
 
 
@@ -139,12 +141,15 @@ class Replica(WorkerPlugin):
 
     idempotent = False
 
-    def __init__(self, run: str, secret: str, loss_fn, optimizer, treedef, seed: int):
+    def __init__(self, run: str, secret: str, loss_fn, optimizer, template, seed: int,
+                 state_template=None, shard_params: bool = False):
         self.run = run
         self.name = replica_name(run)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
-        self.treedef = treedef
+        self.template = template  # a daskdl.model.Template: no PyTreeDef is pickled
+        self.state_template = state_template  # the model state's, or None
+        self.shard_params = shard_params
         self.seed = seed
         self._secret = secret
         self._reset()
@@ -161,10 +166,11 @@ class Replica(WorkerPlugin):
         self.need_pull = True
         self.order = RoundOrder()
         self.reader = ChunkReader()
+        self.mesh = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        for k in ("worker", "train_steps", "state", "order", "reader"):
+        for k in ("worker", "train_steps", "state", "order", "reader", "mesh"):
             d[k] = None
         return d
 
@@ -174,6 +180,8 @@ class Replica(WorkerPlugin):
 
     def setup(self, worker):
         self.worker = worker
+        self.mesh = DeviceMesh.local(self.shard_params)
+        quiet_round_failures()
 
     def teardown(self, worker):
         self.reader.close()
@@ -190,18 +198,31 @@ class Replica(WorkerPlugin):
         if reply.get("status") != Status.OK.value:
             raise SyncAborted(f"cannot fetch the global parameters: {reply.get('reason')}")
         self._set_params(protocol.load(reply["params"]), reply["version"])
+        self._set_model_state(reply.get("state"), reply.get("steps", -1))
         if reply.get("opt_state") is not None:
             _, opt_def = flatten(self.state.opt_state)
             leaves = [jnp.array(x) for x in protocol.load(reply["opt_state"])]
             self.state = self.state._replace(opt_state=unflatten(opt_def, leaves))
 
     def _set_params(self, leaves, version: int, fresh: bool = False) -> None:
-        params = unflatten(self.treedef, [jnp.array(leaf) for leaf in leaves])
+        params = self.template.trainable([jnp.array(leaf) for leaf in leaves])
         if self.state is None or fresh:
             self.state = init_state(params, self.optimizer)
         else:
             self.state = self.state._replace(params=params)
         self.version = version
+
+    def _set_model_state(self, leaves, steps: int = -1) -> None:
+        """The model state the scheduler merged (``leaves``, possibly still serialized)
+        and, with ``steps >= 0``, the global step count for the optimizer's schedules."""
+        if leaves is not None and self.state_template is not None:
+            leaves = protocol.load(leaves)
+            self.state = self.state._replace(state=self.state_template.build(
+                [jnp.array(x) for x in leaves]))
+        if steps is not None and int(steps) >= 0:
+            self.state = self.state._replace(
+                opt_state=set_step_count(self.state.opt_state, int(steps)),
+                step=jnp.asarray(int(steps), jnp.int32))
 
     def _traced(self) -> None:
         self.compiles += 1
@@ -248,10 +269,19 @@ class Replica(WorkerPlugin):
         """``spec.steps`` optimizer steps in one compiled call (compiled on first use
         of a batch shape); the next round's chunks are prefetched meanwhile."""
         if self.train_steps is None:
-            self.train_steps = make_train_steps(self.loss_fn, self.optimizer, self._traced)
+            self.train_steps = make_train_steps(
+                self.loss_fn, self.optimizer, self._traced, model=self.template,
+                has_state=self.state_template is not None,
+                wants_key=takes_key(self.loss_fn), seed=self.seed,
+                constrain=None if self.mesh is None else self.mesh.constrain)
         compiles = self.compiles
         t0 = time.perf_counter()
-        state, (losses, aux) = self.train_steps(self.state, batches)  # dispatched
+        current = self.state
+        if self.mesh is not None:  # several devices: split the batch, place the state
+            current = self.mesh.put_state(current)
+            batches = self.mesh.put_batches(batches, spec.batch_size)
+        where = np.array([spec.rank, spec.clock], np.int32)
+        state, (losses, aux) = self.train_steps(current, batches, where)  # dispatched
         if spec.source is not None and spec.next_chunks:  # overlaps this compute
             self.reader.prefetch(spec.source, spec.chunks, blocks, spec.next_chunks)
         losses = np.asarray(losses)  # waits for the computation
@@ -281,9 +311,13 @@ class Replica(WorkerPlugin):
         opt_state = None
         if spec.checkpoint:  # this rank's part of the checkpoint cut after this round
             opt_state = to_serialize([np.asarray(x) for x in flatten(state.opt_state)[0]])
+        model_state = None
+        if self.state_template is not None:  # sent with every contribution
+            model_state = to_serialize(flatten(state.state)[0])
         req = SyncRequest(run=self.run, rank=spec.rank, clock=spec.clock, gen=spec.gen,
                           samples=samples, version=self.version, params=to_serialize(leaves),
-                          loss=loss, compute=compute_s, opt_state=opt_state)
+                          loss=loss, compute=compute_s, opt_state=opt_state,
+                          state=model_state, steps=samples // spec.batch_size)
         if spec.secede:
             secede()
         try:
@@ -310,10 +344,13 @@ class Replica(WorkerPlugin):
             raise SyncAborted(f"{where} stopped: {reply.reason}")
         if reply.status is Status.REJECTED:  # start again from the global params
             self._set_params(reply.params, reply.version, fresh=True)
+            self._set_model_state(reply.state, reply.steps)
         elif reply.params is None:  # continue from what it sent
             self.version = reply.version
         else:
             self._set_params(reply.params, reply.version)
+        if reply.status is Status.OK:
+            self._set_model_state(reply.state)
 
     def _result(self, spec: RoundSpec, reply: SyncReply, losses, aux, samples: int,
                 times: dict) -> dict:
@@ -361,6 +398,29 @@ def gather_batches(seed: int, spec: RoundSpec, blocks: tuple) -> dict:
 @jax.jit
 def _deltas(new, old):
     return [a - b for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old))]
+
+
+class _QuietRounds(logging.Filter):
+    """Drops Dask's ``Compute Failed`` blocks of round tasks: the client raises one
+    clear error for a failed ``fit``, and the rounds that stopped after it would
+    each log a traceback on their worker otherwise (kept at debug level)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Compute Failed") and record.args and \
+                protocol.ROUND_PREFIX in str(record.args[0]):
+            logging.getLogger("daskdl").debug("round %s failed", record.args[0])
+            return False
+        return True
+
+
+_QUIET = _QuietRounds()
+
+
+def quiet_round_failures() -> None:
+    """Install :class:`_QuietRounds` on this worker's ``distributed.worker`` logger."""
+    log = logging.getLogger("distributed.worker")
+    if _QUIET not in log.filters:
+        log.addFilter(_QUIET)
 
 
 def run_rounds(specs: tuple, chunks: tuple, *blocks) -> list[dict]:

@@ -28,8 +28,8 @@ from .plan import make_plan
 from .policies import Policy, from_config
 from .replica import Replica, evaluate_chunk, predict_chunk, replica_name
 from .scheduler import TrainingPlugin
-from .step import check_metrics_output, split_loss_output
-from .tree import check_params, flatten, unflatten
+from .model import Bound, ModelError, Template, key_required, takes_key
+from .step import check_metrics_output, init_state, make_train_steps
 from .workerenv import WorkerEnvironment, cluster_config, core_slots, worker_info
 
 logger = logging.getLogger("daskdl")
@@ -59,7 +59,7 @@ def _check_arguments(loss_fn, params, optimizer, batch_size, min_workers,
     """Errors that name the bad argument, before anything reaches the cluster."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {loss_fn!r}")
-    check_params(params)
+    Template.of(params, copy=False)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), "
@@ -115,6 +115,28 @@ class Trainer:
         the newest readable one.
     checkpoint_every : rounds between checkpoints (and one at the end of ``fit``);
         ``None``: at the end of every epoch.
+    state : the model's non-trainable state, any pytree of arrays (Flax
+        ``variables["batch_stats"]``, NNX ``BatchStat`` state); ``loss_fn(params,
+        state, batch)`` then returns ``(loss, new_state)`` or ``(loss, new_state,
+        metrics)``.  It is carried through the steps, never differentiated, sent with
+        every contribution and, at every sync, replaced by the sample-weighted mean of
+        the workers' states (integer leaves: the lowest rank's), whatever the policy.
+        ``trainer.state`` is the global state; ``evaluate`` and ``predict`` pass it.
+    shard_params : on a worker with several devices (GPUs, or forced host devices),
+        shard params and optimizer state across them (FSDP-style) instead of
+        replicating them; the batch is split across the devices either way.
+
+    Notes
+    -----
+    ``params`` may be any pytree, including an Equinox module: its floating-point
+    arrays are trained, every other leaf is static (``eqx.partition(model,
+    eqx.is_inexact_array)``), ``loss_fn`` gets the whole module and
+    ``trainer.params`` is a module again.  Define such classes in a module file,
+    not in ``__main__``.  A ``loss_fn`` with a parameter named ``key`` gets a
+    ``jax.random`` key for every step (see :mod:`daskdl.step`).  Optimizer step
+    counters count global steps: each worker's equals the steps a single process
+    would have taken, so ``optax`` schedules' ``decay_steps`` is
+    ``epochs * trainer.steps_per_epoch(dataset)``.
 
     Examples
     --------
@@ -128,9 +150,18 @@ class Trainer:
                  policy: Policy | None = None, batch_size: int = 64,
                  client: Client | None = None, seed: int = 0,
                  rounds_ahead: int | None = None, sync_timeout=None, min_workers: int = 1,
-                 checkpoint=None, checkpoint_every: int | None = None):
+                 checkpoint=None, checkpoint_every: int | None = None, state=None,
+                 shard_params: bool = False):
         _check_arguments(loss_fn, params, optimizer, batch_size, min_workers,
                          checkpoint_every)
+        self._template, self._leaves = Template.of(params)
+        self._template.check_portable()
+        self._state_template, self._state = None, []
+        if state is not None:
+            self._state_template, self._state = Template.of(state, "state", allow_int=True)
+            self._state_template.check_portable()
+        self.shard_params = bool(shard_params)
+        self._steps = 0  # global optimizer steps taken
         from .checkpoint import checkpoint_spec
 
         self.checkpoint = checkpoint_spec(checkpoint)
@@ -147,8 +178,6 @@ class Trainer:
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
         self.max_rejections = int(config.get("max-rejections"))
         self._faults = _faults_from_config()
-        self._leaves, self._treedef = flatten(params)
-        self._leaves = [np.array(x, copy=True) for x in self._leaves]
         self.run = uuid.uuid4().hex[:10]
         self._secret = protocol.new_secret()  # authenticates this run's messages
         self.history: list[dict] = []
@@ -191,8 +220,30 @@ class Trainer:
     # -- parameters --------------------------------------------------------------------
     @property
     def params(self):
-        """The global parameters: the pytree given at construction, with numpy leaves."""
-        return unflatten(self._treedef, [np.array(x, copy=True) for x in self._leaves])
+        """The global parameters: the pytree given at construction (an Equinox module
+        stays one), with numpy leaves."""
+        return self._template.build([np.array(x, copy=True) for x in self._leaves])
+
+    @property
+    def state(self):
+        """The global model state (``None`` for a trainer without ``state``)."""
+        if self._state_template is None:
+            return None
+        return self._state_template.build([np.array(x, copy=True) for x in self._state])
+
+    @property
+    def steps(self) -> int:
+        """Global optimizer steps taken so far (what optax schedules have counted)."""
+        return self._steps
+
+    def steps_per_epoch(self, dataset: Dataset, n_workers: int | None = None) -> int:
+        """Optimizer steps each worker takes per epoch of ``dataset`` with
+        ``n_workers`` (default: the workers now present): ``epochs *`` this is the
+        ``decay_steps`` of a schedule that decays over the whole training."""
+        from .plan import steps_per_epoch
+
+        return steps_per_epoch(dataset, n_workers or len(self._workers()[0]),
+                               self.batch_size)
 
     def _call(self, op: str, **kwargs) -> dict:
         """Call a handler of this run on the scheduler plugin (with the run secret)."""
@@ -203,6 +254,9 @@ class Trainer:
         reply = self._call(protocol.PARAMS, rank=None)
         if reply.get("status") == protocol.Status.OK.value:
             self._leaves = [np.array(x, copy=True) for x in protocol.load(reply["params"])]
+            if reply.get("state") is not None:
+                self._state = [np.array(x, copy=True) for x in protocol.load(reply["state"])]
+            self._steps = int(reply.get("steps", self._steps))
 
     def __repr__(self) -> str:
         return (f"<daskdl.Trainer run {self.run}: {self.policy.name}(every="
@@ -227,21 +281,31 @@ class Trainer:
         c.register_plugin(DashboardPlugin())
         c.register_plugin(WorkerEnvironment(core_slots(worker_info(c))))
         c.register_plugin(Replica(self.run, self._secret, self.loss_fn, self.optimizer,
-                                  self._treedef, self.seed), name=replica_name(self.run))
+                                  self._template, self.seed, self._state_template,
+                                  self.shard_params), name=replica_name(self.run))
 
     def _batch_spec(self, dataset: Dataset, rows: int) -> dict:
         return {n: jax.ShapeDtypeStruct((rows,) + dataset[n].shape[1:], dataset[n].dtype)
                 for n in dataset.names}
 
-    def _check_loss(self, dataset: Dataset) -> None:
-        params = self.params
+    def _check_step(self, dataset: Dataset) -> None:
+        """Trace one whole step on the client with ``jax.eval_shape`` (nothing runs):
+        the loss, its gradient, the optimizer update and the state's shapes, as the
+        workers will compile it.  daskdl's own errors come without JAX's traceback."""
+        steps = make_train_steps(self.loss_fn, self.optimizer, model=self._template,
+                                 has_state=self._state_template is not None,
+                                 wants_key=takes_key(self.loss_fn), seed=self.seed,
+                                 jit=False)
+        mstate = (None if self._state_template is None else
+                  self._state_template.build([s.spec() for s in self._state_template.slots]))
+        batches = {n: jax.ShapeDtypeStruct((1,) + v.shape, v.dtype)
+                   for n, v in self._batch_spec(dataset, self.batch_size).items()}
         try:
-            jax.eval_shape(lambda p, b: split_loss_output(self.loss_fn(p, b)), params,
-                           self._batch_spec(dataset, self.batch_size))
-        except TypeError as e:
-            if "loss_fn must return" in str(e):
-                raise TypeError(str(e)) from None
-            raise
+            start = jax.eval_shape(lambda p, m: init_state(p, self.optimizer, m),
+                                   self._template.specs(), mstate)
+            jax.eval_shape(steps, start, batches, np.zeros(2, np.int32))
+        except ModelError as e:
+            raise ModelError(str(e)) from None
 
     def _place(self, dataset: Dataset, workers: tuple) -> sources.ChunkSource:
         """Where ``dataset``'s chunks are on ``workers`` (placed once, then reused)."""
@@ -310,16 +374,20 @@ class Trainer:
                 logger.info("daskdl: the checkpoint is already at epoch %s; nothing to do",
                             meta["epoch"])
                 self._leaves = [np.array(x, copy=True) for x in ckpt["params"]]
+                self._state = [np.array(x, copy=True) for x in ckpt["state"]]
+                self._steps = int(meta.get("steps", self._steps))
                 self._epoch = int(meta["epoch"])
                 self.history[:] = [dict(h) for h in meta.get("history", [])]
                 return []
         # validate cheaply on the client before anything runs on the cluster
         make_plan(dataset.chunks, max(1, self.min_workers), self.batch_size,
                   self.policy.every, self.seed, self._epoch)
-        self._check_loss(dataset)
+        self._check_step(dataset)
         bar = _progress_bar(0, verbose)
         self._fits += 1
-        start = FitStart(self._leaves, self._epoch, self._clock, self.history, self._fits)
+        start = FitStart(self._leaves, self._epoch, self._clock, self.history, self._fits,
+                         state=list(ckpt["state"] if ckpt else self._state),
+                         steps=int(ckpt["meta"].get("steps", 0)) if ckpt else self._steps)
         loop = FitLoop(self.client, self._fit_config(), start, dataset, epochs, callbacks,
                        bar, self._place, resume=ckpt)
         try:
@@ -386,6 +454,12 @@ class Trainer:
             raise ValueError(f"checkpoint {ckpt['name']} was written for a dataset with "
                              f"chunks {tuple(meta['chunks'])[:8]}..., this one has "
                              f"{tuple(dataset.chunks)[:8]}...; resume with the same dataset")
+        n = len(self._leaves)  # the model state is stored after the parameters
+        ckpt["params"], ckpt["state"] = ckpt["params"][:n], ckpt["params"][n:]
+        if len(ckpt["state"]) != len(self._state) or any(
+                a.shape != b.shape for a, b in zip(ckpt["state"], self._state)):
+            raise ValueError(f"checkpoint {ckpt['name']} holds another model state than "
+                             "the trainer's state= (or none); resume with the same state")
         if len(ckpt["params"]) != len(self._leaves) or any(
                 a.shape != b.shape or a.dtype != b.dtype
                 for a, b in zip(ckpt["params"], self._leaves)):
@@ -418,12 +492,26 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------
     def _params_future(self):
-        """The global parameters on every worker, once (a list: scatter takes dict keys
-        as names)."""
-        return self.client.scatter([self.params], broadcast=True, hash=False)[0]
+        """The global parameters (and model state) as flat leaves on every worker, once
+        (a list: scatter takes dict keys as names); :class:`~daskdl.model.Bound`
+        rebuilds the model there."""
+        packed = (list(self._leaves), list(self._state))
+        return self.client.scatter([packed], broadcast=True, hash=False)[0]
+
+    def _bound(self, fn: Callable, what: str) -> Bound:
+        """``fn`` taking the model (and state) rebuilt from flat leaves."""
+        if not callable(fn):
+            raise TypeError(f"{what} must be a function, got {fn!r}")
+        if key_required(fn):
+            raise ModelError(
+                f"{what} has a parameter 'key', but evaluate and predict run without "
+                f"random keys (no dropout).  Give it a default: def {what}(..., key=None); "
+                "with key=None, Flax's deterministic=True / Equinox's inference=True.")
+        return Bound(fn, self._template, self._state_template)
 
     def evaluate(self, dataset: Dataset, metric_fn: Callable) -> dict:
-        """Sample-weighted means of ``metric_fn(params, batch)`` over ``dataset``.
+        """Sample-weighted means of ``metric_fn(params, batch)`` over ``dataset``
+        (``metric_fn(params, state, batch)`` for a trainer with ``state``).
 
         ``metric_fn`` returns a dict of scalars, e.g. ``{"accuracy": acc}``; it runs
         jitted on the workers, chunk by chunk, with the global parameters.
@@ -431,8 +519,10 @@ class Trainer:
         if not isinstance(dataset, Dataset):
             raise TypeError(f"evaluate needs a daskdl.Dataset, got {type(dataset).__name__}")
         bs = int(config.get("eval-batch-size"))
+        metric_fn = self._bound(metric_fn, "metric_fn")
         try:
-            jax.eval_shape(lambda p, b: check_metrics_output(metric_fn(p, b)), self.params,
+            jax.eval_shape(lambda p, b: check_metrics_output(metric_fn(p, b)),
+                           (self._leaves, self._state),
                            self._batch_spec(dataset, min(bs, max(dataset.chunks))))
         except TypeError as e:
             if "metric_fn" in str(e):
@@ -451,7 +541,8 @@ class Trainer:
         return {k: float(sum(m[k] * n for m, n in outs) / total) for k in keys}
 
     def predict(self, dataset: Dataset, apply_fn: Callable, x: str | None = None) -> da.Array:
-        """``apply_fn(params, x)`` over ``dataset`` with the global parameters, lazily.
+        """``apply_fn(params, x)`` over ``dataset`` with the global parameters, lazily
+        (``apply_fn(params, state, x)`` for a trainer with ``state``).
 
         Parameters
         ----------
@@ -468,7 +559,8 @@ class Trainer:
             raise TypeError(f"predict needs a daskdl.Dataset, got {type(dataset).__name__}")
         x = x or ("x" if "x" in dataset.names else dataset.names[0])
         arr = dataset[x]
-        out = jax.eval_shape(apply_fn, self.params,
+        apply_fn = self._bound(apply_fn, "apply_fn")
+        out = jax.eval_shape(apply_fn, (self._leaves, self._state),
                              jax.ShapeDtypeStruct((2,) + arr.shape[1:], arr.dtype))
         if not hasattr(out, "shape") or len(out.shape) < 1 or out.shape[0] != 2:
             raise TypeError("apply_fn(params, x) must return one array with one row per "

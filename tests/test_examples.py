@@ -16,3 +16,21 @@ def test_digits_example_reaches_97_percent():
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("test accuracy: 0.9"), out.stdout[-2000:]
     assert float(last.split(":")[1]) >= 0.97
+
+
+def _run_example(name: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_flax_cnn_example_small():
+    last = _run_example("flax_cnn.py", "--small")
+    assert last.startswith("test accuracy:") and float(last.split(":")[1]) >= 0.8
+
+
+def test_equinox_cnn_example_small():
+    last = _run_example("equinox_cnn.py", "--small")  # 2 epochs: about 0.67
+    assert last.startswith("test accuracy:") and float(last.split(":")[1]) >= 0.5

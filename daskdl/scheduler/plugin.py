@@ -24,7 +24,7 @@ from distributed.protocol.serialize import to_serialize
 from .. import config, protocol
 from ..checkpoint import CheckpointCut
 from ..errors import DaskDLError
-from ..policies import Contribution, Merged, SyncInfo
+from ..policies import Contribution, Merged, SyncInfo, state_mean
 from ..protocol import (LeaveReason, MemberEvent, ProtocolError, Status, StartRequest,
                         SyncReply, SyncRequest, ok, refused)
 from ..tree import check_like
@@ -234,6 +234,7 @@ class TrainingPlugin(SchedulerPlugin):
         st = RunState(req.run, secret, req.params, req.policy, req.members, req.timeout,
                       clock=req.clock, version=req.version, policy_state=req.policy_state)
         st.restore = dict(req.restore)
+        st.set_state(req.state, req.steps, req.clock)
         st.max_rejections = int(config.get("max-rejections", req.max_rejections))
         if req.max_samples is not None:
             st.max_samples = req.max_samples
@@ -344,6 +345,7 @@ class TrainingPlugin(SchedulerPlugin):
         if st.aborted:
             return _aborted(st)
         gen = st.membership.regroup(members, clock)
+        st.steps_at = {c: n for c, n in st.steps_at.items() if c <= clock} or {clock: 0}
         st.barrier.clear()
         st.replies.clear()
         st.strikes.clear()
@@ -361,7 +363,10 @@ class TrainingPlugin(SchedulerPlugin):
         its own ``params`` under policies such as EASGD), once."""
         st = self._run(msg)
         rank = None if msg.get("rank") is None else protocol.int_field(msg, "rank", 0, 1_000_000)
-        out = ok(params=to_serialize(st.leaves), version=st.version)
+        out = ok(params=to_serialize(st.leaves), version=st.version,
+                 state=to_serialize(st.state) if st.state else None,
+                 steps=st.global_steps(max(st.steps_at) if rank is None
+                                       else st.membership.clocks.get(rank, 0)))
         restore = st.restore.pop(rank, None) if rank is not None else None
         if restore is not None:
             if restore.get("params") is not None:
@@ -401,10 +406,12 @@ class TrainingPlugin(SchedulerPlugin):
         if st.cut is None or not st.cut.meta or st.aborted:
             return
         m = st.membership
-        for clock in st.cut.take(m.members, m.done, st.version, st.leaves,
+        # the model state is written after the parameters, in the same group
+        for clock in st.cut.take(m.members, m.done, st.version, st.leaves + st.state,
                                  jax.tree_util.tree_leaves(st.policy_state), st.replies,
                                  {"policy": st.policy.name, "members": len(m.members),
-                                  "generation": m.gen}):
+                                  "generation": m.gen, "state_leaves": len(st.state),
+                                  "steps": st.global_steps(min(st.cut.meta))}):
             st.stats.event("checkpoint", clock=clock, version=st.version)
 
     # -- handlers: rounds ----------------------------------------------------------------------
@@ -424,12 +431,16 @@ class TrainingPlugin(SchedulerPlugin):
         if not st.membership.current(req.gen, req.rank):
             return SyncReply(Status.REPLAN, st.version).to_msg()
         leaves, opt_state = self._accept(st, req)
+        state = self._model_state(st, req)
+        st.count_steps(req.clock, req.steps)
         try:
             check_like(leaves, st.leaves, what=f"update of worker rank {req.rank}")
+            if state is not None:
+                check_like(state, st.state, what=f"model state of worker rank {req.rank}")
         except DaskDLError as e:
             return await self._reject(st, req.rank, req.clock, str(e))
         arrived = time.time()
-        await self._arrive(st, req, leaves, opt_state)
+        await self._arrive(st, req, leaves, opt_state, state)
         if st.aborted:
             return _aborted(st)
         event = st.barrier.enter(req.rank, st.membership.clocks.get(req.rank, req.clock + 1))
@@ -459,7 +470,20 @@ class TrainingPlugin(SchedulerPlugin):
             return leaves, protocol.leaves_field(req.opt_state, OPT_STATE_FACTOR * st.nbytes,
                                                  f"optimizer state of rank {req.rank}")
 
-    async def _arrive(self, st: RunState, req: SyncRequest, leaves: list, opt_state) -> None:
+    @staticmethod
+    def _model_state(st: RunState, req: SyncRequest) -> list | None:
+        """The model state sent with ``req``, its size checked before it is loaded
+        (``None`` when the run has none); ProtocolError when it is missing."""
+        if not st.state:
+            return None
+        if req.state is None:
+            raise ProtocolError(f"rank {req.rank} sent no model state; the run has one")
+        with parsing("daskdl_sync state"):
+            return protocol.leaves_field(req.state, st.state_nbytes,
+                                         f"model state of rank {req.rank}")
+
+    async def _arrive(self, st: RunState, req: SyncRequest, leaves: list, opt_state,
+                      state: list | None = None) -> None:
         """Count a valid update: clocks, stats, optimizer state, and its merge."""
         st.strikes.pop(req.rank, None)
         st.membership.clocks[req.rank] = req.clock + 1
@@ -467,7 +491,8 @@ class TrainingPlugin(SchedulerPlugin):
             st.cut.keep_opt_state(req.clock + 1, req.rank, opt_state)
         st.stats.arrived(req.rank, st.members[req.rank], req.clock, req.samples, req.version,
                          req.loss, req.compute, sum(x.nbytes for x in leaves))
-        contribution = Contribution(req.rank, leaves, req.samples, req.version, req.loss)
+        contribution = Contribution(req.rank, leaves, req.samples, req.version, req.loss,
+                                    state)
         if st.policy.group:
             st.barrier.add(req.clock, contribution)
             await self._merge_group(st, req.clock)
@@ -493,7 +518,8 @@ class TrainingPlugin(SchedulerPlugin):
         same = len(new) == len(leaves) and all(a is b for a, b in zip(new, leaves))
         st.stats.replied(req.rank, waited, 0 if same else sum(x.nbytes for x in new))
         return SyncReply(Status.OK, st.version, params=None if same else new,
-                         waited=waited).to_msg()
+                         waited=waited, state=st.state or None,
+                         steps=st.global_steps(req.clock + 1)).to_msg()
 
     async def _reject(self, st: RunState, rank: int, clock: int, why: str) -> dict:
         """Drop a bad update; the worker starts again from the global parameters.
@@ -516,7 +542,9 @@ class TrainingPlugin(SchedulerPlugin):
             st.barrier.skip(clock, rank)
             await self._merge_group(st, clock)
         st.release()
-        return SyncReply(Status.REJECTED, st.version, params=st.leaves, reason=why).to_msg()
+        return SyncReply(Status.REJECTED, st.version, params=st.leaves, reason=why,
+                         state=st.state or None,
+                         steps=st.global_steps(clock + 1)).to_msg()
 
     # -- merges --------------------------------------------------------------------------------
     async def _merge_group(self, st: RunState, clock: int) -> None:
@@ -538,6 +566,7 @@ class TrainingPlugin(SchedulerPlugin):
         if st.aborted or st.membership.frozen:
             return
         st.leaves, st.policy_state = list(merged.params), merged.state
+        st.state = state_mean(contributions) or st.state  # whatever the policy
         st.replies.update(merged.replies or {})
         st.version += 1
         for c in contributions:

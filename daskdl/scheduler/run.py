@@ -65,6 +65,9 @@ class RunState:
         self.ending = False  # daskdl_end was called: leaving workers are not news
         self.started = time.time()
         self.ended: float | None = None
+        self.state: list = []  # the model state (BatchNorm statistics), flat; [] without
+        self.state_nbytes = 0
+        self.steps_at: dict[int, int] = {clock: 0}  # clock -> global optimizer steps
 
     def __repr__(self) -> str:
         return f"<RunState {self.run!r} generation {self.gen} version {self.version}>"
@@ -102,11 +105,34 @@ class RunState:
         for rank, clock in self.barrier.release(self.policy, clocks):
             self.stats.event("release", rank=rank, clock=clock, slowest=slowest)
 
+    def set_state(self, leaves: list, steps: int, clock: int) -> None:
+        """The model state, and the global optimizer steps at ``clock`` (the first)."""
+        self.state = list(leaves)
+        self.state_nbytes = sum(x.nbytes for x in self.state)
+        self.steps_at = {int(clock): int(steps)}
+
+    def count_steps(self, clock: int, steps: int) -> None:
+        """A rank took ``steps`` optimizer steps in round ``clock``: global steps at
+        ``clock + 1`` (the plan gives every rank the same steps per round)."""
+        self.steps_at[clock + 1] = self.global_steps(clock) + int(steps)
+        if len(self.steps_at) > 4096:  # keep the newest clocks
+            for c in sorted(self.steps_at)[:1024]:
+                del self.steps_at[c]
+
+    def global_steps(self, clock: int) -> int:
+        """Optimizer steps a rank has taken when it starts round ``clock``: what a
+        single process would have counted (optax schedules count them)."""
+        if clock in self.steps_at:
+            return self.steps_at[clock]
+        below = [c for c in self.steps_at if c <= clock]
+        return self.steps_at[max(below)] if below else 0
+
     def strip(self) -> None:
         """The run ended: drop what only training needs (parameters, pending rounds),
         keep what dashboards read."""
         self.ended = time.time()
         self.leaves, self.policy_state, self.replies, self.restore = [], None, {}, {}
+        self.state = []
         self.barrier.clear()
         if self.cut is not None:
             self.cut.opt.clear()
