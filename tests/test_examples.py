@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,14 @@ def test_flax_cnn_example_small():
 def test_equinox_cnn_example_small():
     last = _run_example("equinox_cnn.py", "--small")  # 2 epochs: about 0.67
     assert last.startswith("test accuracy:") and float(last.split(":")[1]) >= 0.5
+
+
+def test_charlm_example_small():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "charlm.py"), "--small"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    val = [float(l.split("validation loss")[1].split()[0]) for l in lines if "validation" in l]
+    assert len(val) == 2 and val[-1] < np.log(256)  # learned something about bytes
+    assert lines[-1].startswith("tokens/s: daskdl 2 workers")
