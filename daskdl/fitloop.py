@@ -323,7 +323,10 @@ class FitLoop:
 
         ckpt = None
         if t.checkpoint is not None:
-            ckpt = to_serialize({"store": t.checkpoint, "keep": int(config.get("checkpoint-keep"))})
+            from .checkpoint import sendable_checkpoint_key
+
+            ckpt = to_serialize({"store": t.checkpoint, "keep": int(config.get("checkpoint-keep")),
+                                 "key": sendable_checkpoint_key(t.checkpoint_key, self.dataset)})
         c.sync(c.scheduler.daskdl_start, run=t.run, params=to_serialize(t._leaves),
                policy=to_serialize(t.policy),
                members={str(r): a for r, a in enumerate(self.members)},

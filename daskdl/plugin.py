@@ -302,7 +302,8 @@ class TrainingPlugin(SchedulerPlugin):
             from .checkpoint import CheckpointWriter
 
             checkpoint = _load(checkpoint)
-            st.checkpoints = CheckpointWriter(checkpoint["store"], keep=checkpoint["keep"])
+            st.checkpoints = CheckpointWriter(checkpoint["store"], keep=checkpoint["keep"],
+                                              key=checkpoint.get("key"))
         self.runs[run] = st
         logger.info("daskdl run %s started with %d workers under %s(every=%d)",
                     run, len(members), policy.name, policy.every)

@@ -92,6 +92,10 @@ class Trainer:
         the newest readable one.
     checkpoint_every : rounds between checkpoints (and one at the end of ``fit``);
         ``None``: at the end of every epoch.
+    checkpoint_key : encrypt and authenticate checkpoints with this key (32 bytes, a
+        passphrase, or a key reference such as ``"env:NAME"``; see
+        :mod:`daskdl.encryption`); ``None`` uses the key of the encrypted share
+        being trained on, if any.
 
     Examples
     --------
@@ -105,7 +109,7 @@ class Trainer:
                  policy: Policy | None = None, batch_size: int = 64,
                  client: Client | None = None, seed: int = 0,
                  rounds_ahead: int | None = None, sync_timeout=None, min_workers: int = 1,
-                 checkpoint=None, checkpoint_every: int | None = None):
+                 checkpoint=None, checkpoint_every: int | None = None, checkpoint_key=None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {loss_fn!r}")
         check_params(params)
@@ -122,9 +126,10 @@ class Trainer:
                 not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1):
             raise ValueError("checkpoint_every must be a positive number of rounds or None, "
                              f"got {checkpoint_every!r}")
-        from .checkpoint import checkpoint_spec
+        from .checkpoint import checkpoint_key as _ckpt_key, checkpoint_spec
 
         self.checkpoint = checkpoint_spec(checkpoint)
+        self.checkpoint_key = _ckpt_key(checkpoint_key)  # never pickled (see checkpoint.py)
         self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self.min_workers = int(min_workers)
         policy = from_config(policy)
@@ -348,12 +353,12 @@ class Trainer:
         return results
 
     def _load_checkpoint(self, dataset: Dataset):
-        from .checkpoint import load_latest
+        from .checkpoint import checkpoint_key, load_latest
 
         if self.checkpoint is None:
             raise ValueError("fit(resume=True) needs Trainer(checkpoint='path/to/dir') to "
                              "know where the checkpoints are")
-        ckpt = load_latest(self.checkpoint)
+        ckpt = load_latest(self.checkpoint, key=checkpoint_key(self.checkpoint_key, dataset))
         if ckpt is None:
             logger.info("daskdl: no checkpoint under %s; starting from the beginning",
                         self.checkpoint)
