@@ -175,8 +175,9 @@ class Dataset:
         """
         import zarr
 
-        from .encryption import (ATTR, EncryptedStore, key_handle,
-                                 refuse_pickle_codecs, travelling_key, verify_store)
+        from .encryption import (ATTR, EncryptedStore, key_handle, raw_array_metadata,
+                                 refuse_pickle_codecs, top_level_metadata, travelling_key,
+                                 verify_store)
 
         handle = key_handle(key)
         try:
@@ -199,11 +200,14 @@ class Dataset:
             raise DatasetError(
                 f"the Zarr store {store!r} was not completely written by Dataset.share "
                 "(the share was interrupted); run share again")
+        refuse_pickle_codecs(top_level_metadata(group.store), f"the Zarr store {store!r}")
         available = sorted(k for k, _ in group.arrays())
         if not names:
             names = {k: k for k in available}
         arrays = {}
         for name, path in names.items():
+            refuse_pickle_codecs({path: raw_array_metadata(group.store, path)},
+                                 f"the Zarr store {store!r}")
             try:
                 arr = group[path]
             except KeyError:
@@ -213,7 +217,6 @@ class Dataset:
                 ) from None
             if not isinstance(arr, zarr.Array):
                 raise DatasetError(f"{path!r} in {store!r} is a group, not an array")
-            refuse_pickle_codecs({path: arr.metadata.to_dict()}, f"the Zarr store {store!r}")
             arrays[name] = da.from_zarr(arr)
         ds = cls(arrays)
         ds._key = handle  # stays on the client (a raw key or passphrase refuses pickling)
@@ -425,7 +428,7 @@ class Dataset:
 
             try:
                 group = zarr.open_group(store, mode="w" if (overwrite or local) else "w-")
-            except (ContainsArrayError, ContainsGroupError):
+            except (ContainsArrayError, ContainsGroupError, FileExistsError):
                 raise FileExistsError(f"{store!r} already holds Zarr data; pass overwrite=True "
                                       "to replace it") from None
             group.attrs[SHARE_ATTR] = {"complete": False, "names": names}

@@ -124,10 +124,7 @@ class KeyRef:
         """The key material (32 bytes or a passphrase), read here and now."""
         spec = self.spec
         if callable(spec):
-            value = spec()
-            if isinstance(value, (bytes, bytearray)) and len(value) != 32:
-                value = _text_secret(bytes(value))
-            return _check_secret(value, f"the key function {self!r}")
+            return _check_secret(spec(), f"the key function {self!r}")
         kind, _, rest = spec.partition(":")
         if kind == "env":
             if rest not in os.environ:
@@ -754,6 +751,26 @@ def new_store_key(handle, scope_prefix: tuple = (), store_id: str | None = None)
     key = scope_key(handle, kdf, scope, "a new store")
     travelling = handle if isinstance(handle, KeyRef) else SubKey(key, scope, kdf)
     return _Keys(key), travelling, store_id, kdf, scope
+
+
+def raw_array_metadata(store, path: str) -> dict:
+    """An array's metadata document as stored (``zarr.json``, or v2 ``.zarray``),
+    read before Zarr interprets it; ``{}`` if there is none."""
+    for name in ("zarr.json", ".zarray"):
+        data = _sync(_get(store, f"{path}/{name}" if path else name))
+        if data is not None:
+            try:
+                return json.loads(data)
+            except ValueError:
+                return {}
+    return {}
+
+
+def top_level_metadata(store) -> dict:
+    """The raw metadata documents of a group's top-level members, by name."""
+    async def names():
+        return [k async for k in store.list_dir("")]
+    return {n: raw_array_metadata(store, n) for n in _sync(names()) if not _is_meta(n)}
 
 
 def refuse_pickle_codecs(meta_docs: dict, where: str) -> None:
