@@ -125,6 +125,7 @@ def secure_directory(path: str) -> None:
 
 
 def _private(path: str) -> None:
+    os.chmod(path, 0o700)  # (zarr's mode="w" recreates the folder with default permissions)
     for root, dirs, files in os.walk(path):
         for d in dirs:
             os.chmod(os.path.join(root, d), 0o700)
