@@ -520,7 +520,8 @@ class ZarrSource:
     """Where a Zarr-backed dataset's chunks live: a store, array paths, chunk sizes.
 
     Small and picklable: it travels with each round so the worker reads the chunks
-    itself.
+    itself.  For an encrypted store it carries a key reference (resolved by the
+    worker) or a key derived for this store only, never the user's key.
     """
 
     def __init__(self, store, paths: dict, chunks: tuple):

@@ -235,17 +235,6 @@ def travelling_key(handle, scope: tuple, kdf: dict):
     return SubKey(scope_key(handle, kdf, scope, "this scope"), scope, kdf)
 
 
-def describe_key(handle) -> str:
-    """A safe description for reprs and messages (never key bytes)."""
-    if handle is None:
-        return "no key"
-    if isinstance(handle, KeyRef):
-        return f"key reference {handle!r}"
-    if isinstance(handle, SubKey):
-        return "a derived key"
-    return "a passphrase" if isinstance(handle.value, str) else "a 32-byte key"
-
-
 def new_kdf(handle) -> dict:
     """Key-derivation parameters for something new written with ``handle``."""
     if isinstance(handle, SubKey):
@@ -611,6 +600,8 @@ class EncryptedStore(WrapperStore):
             if cached is None:
                 keys, man = await _verify(self._store, self._key, self._name(),
                                           self._prefix, keys)
+                if len(_MANIFESTS) > 64:
+                    _MANIFESTS.clear()
                 _MANIFESTS[(self._store_id, keys.check)] = man
             else:
                 man = cached
