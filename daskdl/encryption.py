@@ -14,7 +14,8 @@ and chunk coordinates).
   default; the parameters and the salt are recorded in the store);
 * a *key reference*, resolved where the key is used (client, workers, scheduler):
   ``"env:NAME"`` (an environment variable), ``"file:/path"`` (a file; 32 bytes
-  are a raw key, 64 hex digits too, any other text is a passphrase) or a callable
+  that are not all printable are a raw key, 64 hex digits too, any other text is a
+  passphrase) or a callable
   returning a raw key or a passphrase (run on the worker).
 
 The user's key never leaves the client as itself.  Every store (and every series
@@ -139,7 +140,7 @@ class KeyRef:
             raise DaskDLError(f"the key reference {spec!r} cannot be read here (pid "
                               f"{os.getpid()}): {e.strerror}; the file must exist on every "
                               "machine that reads or writes the data") from None
-        return _check_secret(data if len(data) == 32 else _text_secret(data), repr(spec))
+        return _check_secret(data if _looks_random(data) else _text_secret(data), repr(spec))
 
     def __eq__(self, other):
         return isinstance(other, KeyRef) and self.spec == other.spec
@@ -190,6 +191,13 @@ class _Secret:
 
     def __repr__(self):
         return "<daskdl key: hidden>"
+
+
+def _looks_random(data: bytes) -> bool:
+    """32 bytes that are not all printable text: a raw key (a random key is all
+    printable with probability (95/256)**32, about 1e-14).  A 32-character
+    passphrase saved without a newline stays a passphrase (and gets scrypt)."""
+    return len(data) == 32 and not all(32 <= b < 127 for b in data)
 
 
 def _text_secret(data: bytes):

@@ -273,6 +273,8 @@ def test_key_references_env_file_and_callable(ds, tmp_path, monkeypatch):
                                       np.arange(200))
     ds.share(str(tmp_path / "p.zarr"), key=f"file:{tmp_path / 'pass'}")
     ddl.Dataset.from_zarr(str(tmp_path / "p.zarr"), key="a file passphrase")
+    (tmp_path / "pass32").write_text("x" * 32)  # 32 printable bytes: a passphrase (scrypt)
+    assert KeyRef(f"file:{tmp_path / 'pass32'}").resolve() == "x" * 32
     with pytest.raises(ddl.DaskDLError, match="DASKDL_NOPE, which is not set"):
         ddl.Dataset.from_zarr(path, key="env:DASKDL_NOPE")
     with pytest.raises(ddl.DaskDLError, match="cannot be read here"):
