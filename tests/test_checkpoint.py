@@ -236,7 +236,7 @@ def test_training_on_an_encrypted_share_encrypts_its_checkpoints(client2, digits
     import json
 
     x, y = digits
-    ds = ddl.Dataset.from_arrays(x=x[:1200], y=y[:1200], chunk_size=300).share(
+    ds = ddl.Dataset.from_arrays(x=x[:600], y=y[:600], chunk_size=150).share(
         str(tmp_path / "e.zarr"), key=KEY)
     ckpt = str(tmp_path / "ck")
 
