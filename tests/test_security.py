@@ -13,7 +13,6 @@ import urllib.request
 
 import cloudpickle
 import jax
-import numpy as np
 import optax
 import pytest
 from distributed import Client, LocalCluster

@@ -201,7 +201,8 @@ def test_empty_chunks_are_written_so_missing_means_tampered(tmp_path):
 def test_extra_chunk_is_detected(sealed):
     src = chunk_files(sealed, "y")[0]
     shutil.copy(src, os.path.join(os.path.dirname(src), "9"))  # beyond the array's end
-    with pytest.raises(ChunkAuthenticationError, match=r"chunk '9' of array 'y'.*not in the manifest"):
+    with pytest.raises(ChunkAuthenticationError,
+                       match=r"chunk '9' of array 'y'.*not in the manifest"):
         ddl.Dataset.from_zarr(sealed, key=KEY)
 
 
@@ -288,7 +289,8 @@ def test_a_raw_key_or_passphrase_never_travels(ds, tmp_path):
     blob = pickle.dumps(shared._zarr) + pickle.dumps(shared["x"].dask)
     for form in (KEY, KEY.hex().encode(), repr(KEY).encode()):
         assert form not in blob
-    assert "SubKey" in repr(shared._zarr.store._key) and KEY.hex() not in repr(shared._zarr.store._key)
+    travelling = repr(shared._zarr.store._key)
+    assert "SubKey" in travelling and KEY.hex() not in travelling
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(shared._key)  # the client's own handle refuses to travel
     assert "hidden" in repr(shared._key)
@@ -304,7 +306,8 @@ def test_passphrase_parameters_are_recorded_and_costly(ds, tmp_path):
     with pytest.raises(WrongKeyError, match="wrong key"):
         ddl.Dataset.from_zarr(path, key="correct horse battery stapler")
     enc["kdf"]["n"] = 2**10  # a cheaper derivation written by someone else is refused
-    edit_meta(path, "", lambda d: d["attributes"]["daskdl_encryption"].__setitem__("kdf", enc["kdf"]))
+    edit_meta(path, "",
+              lambda d: d["attributes"]["daskdl_encryption"].__setitem__("kdf", enc["kdf"]))
     with pytest.raises(MetadataAuthenticationError, match="scrypt parameters"):
         ddl.Dataset.from_zarr(path, key="correct horse battery staple")
 
