@@ -382,3 +382,20 @@ def test_store_with_a_pickle_codec_is_refused(tmp_path):
     # and numcodecs itself (the pinned version) refuses to unpickle on decode
     with pytest.raises(Exception, match="(?i)unsafe|pickle"):
         numcodecs.Pickle().decode(numcodecs.Pickle().encode(np.arange(3.0)))
+
+
+def test_publish_without_renameat2_renames_the_old_store_aside_first(ds, tmp_path, monkeypatch):
+    import daskdl.encryption as enc
+
+    path = str(tmp_path / "s.zarr")
+    ds.share(path)
+    moves = []
+    real_rename = os.rename
+    monkeypatch.setattr(enc, "_rename2", lambda src, dst, flags: False)  # e.g. not Linux
+    monkeypatch.setattr(enc.os, "rename", lambda a, b: (moves.append((a, b)), real_rename(a, b)))
+    ds.share(path, overwrite=True, key=KEY)
+    assert moves[0][0] == path and ".old-" in moves[0][1]  # the old store aside, not deleted
+    assert moves[1][1] == path and sorted(os.listdir(tmp_path)) == ["s.zarr"]
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ds.share(path)
+    ddl.Dataset.from_zarr(path, key=KEY)
