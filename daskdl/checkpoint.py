@@ -154,6 +154,15 @@ def checkpoint_key(key, dataset=None):
     return handle
 
 
+def trainer_checkpoint_key(key, checkpoint):
+    """Validate ``Trainer(checkpoint_key=...)``: the client-side handle of the key
+    (never pickled), or ``None``."""
+    if key is not None and checkpoint is None:
+        raise ValueError("checkpoint_key= encrypts checkpoints, but no checkpoint= directory "
+                         "was given; pass Trainer(checkpoint='path/to/dir', checkpoint_key=...)")
+    return key_handle(key)
+
+
 def sendable_checkpoint_key(key, dataset=None):
     """What travels to the scheduler for :func:`checkpoint_key`: a key reference as
     itself, a raw key or passphrase as a key derived for this series only."""

@@ -126,10 +126,10 @@ class Trainer:
                 not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1):
             raise ValueError("checkpoint_every must be a positive number of rounds or None, "
                              f"got {checkpoint_every!r}")
-        from .checkpoint import checkpoint_key as _ckpt_key, checkpoint_spec
+        from .checkpoint import checkpoint_spec, trainer_checkpoint_key
 
         self.checkpoint = checkpoint_spec(checkpoint)
-        self.checkpoint_key = _ckpt_key(checkpoint_key)  # never pickled (see checkpoint.py)
+        self.checkpoint_key = trainer_checkpoint_key(checkpoint_key, self.checkpoint)
         self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self.min_workers = int(min_workers)
         policy = from_config(policy)

@@ -122,6 +122,12 @@ def test_resume_errors_name_the_mismatch(client2, digits, tmp_path):
                      batch_size=16, client=client2, checkpoint=ckpt) as tr:
         with pytest.raises(ValueError, match="batch_size=32"):
             tr.fit(ds, epochs=2, resume=True)
+    with pytest.raises(ValueError, match="no checkpoint= directory"):
+        ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                    client=client2, checkpoint_key="env:DASKDL_KEY")
+    with pytest.raises(ValueError, match="32 random bytes"):
+        ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                    client=client2, checkpoint=ckpt, checkpoint_key=b"short")
     with pytest.raises(TypeError, match="checkpoint must be"):
         ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
                     client=client2, checkpoint=3)
