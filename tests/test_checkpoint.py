@@ -265,3 +265,28 @@ def test_training_on_an_encrypted_share_encrypts_its_checkpoints(client2, digits
     with trainer(checkpoint_key="env:DASKDL_TEST_CKPT_KEY") as tr:
         tr.fit(ds, epochs=1, verbose=False)
     assert load_latest(ckpt, key="a checkpoint passphrase")["meta"]["epoch"] == 1
+
+
+def test_checkpoint_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    import daskdl.encryption as enc
+
+    root = str(tmp_path / "ck")
+    synced, renamed = [], []
+    real_fsync, real_rename2 = os.fsync, enc._rename2
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename2(src, dst, flags):
+        renamed.append((src, list(synced)))
+        return real_rename2(src, dst, flags)
+
+    monkeypatch.setattr(enc.os, "fsync", fsync)
+    monkeypatch.setattr(enc, "_rename2", rename2)
+    _write(root, 3, 1.0)
+    _write(root, 3, 2.0)  # the same clock rewritten: exchanged, after an fsync too
+    for src, before in renamed:
+        assert src in before and any(p.startswith(src + "/params/") for p in before)
+    assert os.listdir(root) == ["ckpt-000000003"]
+    np.testing.assert_array_equal(load_latest(root)["params"][0], 2.0)
