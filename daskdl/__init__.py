@@ -1,7 +1,12 @@
 """daskdl: data-parallel deep learning with JAX on Dask clusters."""
 
 from . import config as _config  # noqa: F401  (loads the daskdl defaults)
-from .encryption import ChunkAuthenticationError
+from .encryption import (
+    ChunkAuthenticationError,
+    KeyRef,
+    MetadataAuthenticationError,
+    WrongKeyError,
+)
 from .dashboard import DashboardPlugin
 from .data import Dataset
 from .errors import DaskDLError, DatasetError, SyncAborted, TrainingDiverged
@@ -32,6 +37,9 @@ __all__ = [
     "Async",
     "BSP",
     "ChunkAuthenticationError",
+    "KeyRef",
+    "MetadataAuthenticationError",
+    "WrongKeyError",
     "DiLoCo",
     "EASGD",
     "Merged",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import uuid
 import warnings
 from typing import Mapping
@@ -101,6 +100,7 @@ class Dataset:
         self._arrays = arrays
         self._source = dict(_source) if _source is not None else None
         self._zarr: ZarrSource | None = None  # set by from_zarr: workers read the store
+        self._key = None  # from_zarr's key (client only): the default checkpoint key
 
     # -- constructors --------------------------------------------------------------
     @classmethod
@@ -159,39 +159,55 @@ class Dataset:
         ----------
         store : a path, URL or Zarr store holding a group (Zarr v3, or v2 as written
             by xarray and older tools).
-        key : for a store written encrypted by :meth:`share`: the same 32-byte key or
-            passphrase.  A wrong key is an error here, before anything is read.
+        key : for a store written encrypted by :meth:`share`: the same 32-byte key,
+            passphrase or key reference (``"env:NAME"``, ``"file:/path"``, a callable;
+            see :mod:`daskdl.encryption`).  The store's metadata and manifest are
+            authenticated here, before anything is read: a wrong key or a changed,
+            added or removed chunk or metadata document is an error naming it.
+            Workers receive the key reference, or a key derived for this store only,
+            never the key itself.
         **names : dataset name -> array path in the group, e.g. ``x="x", y="y"``.
             With none, every array at the group's top level is used under its name.
 
         During training each worker reads its chunks straight from the store (never
         through the client or the scheduler), one round ahead of the one it computes.
+        Arrays whose codecs would unpickle data (or of ``object`` dtype) are refused.
         """
         import zarr
 
-        from .encryption import ATTR, EncryptedStore, open_key
+        from .encryption import (ATTR, EncryptedStore, key_handle, raw_array_metadata,
+                                 refuse_pickle_codecs, top_level_metadata, travelling_key,
+                                 verify_store)
 
+        handle = key_handle(key)
         try:
-            group = zarr.open_group(store, mode="r")
+            group = zarr.open_group(store, mode="r", use_consolidated=False)
         except Exception as e:  # zarr raises several types for a missing/malformed group
             raise DatasetError(f"cannot open a Zarr group at {store!r}: {e}") from e
         attrs = group.attrs.asdict()
+        if ATTR in attrs:
+            where = f"the Zarr store {store!r}"
+            keys, man = verify_store(group.store, handle, where)
+            attrs, enc = man.attrs, man.attrs[ATTR]
+            moving = travelling_key(handle, tuple(enc["scope"]), enc["kdf"])
+            group = zarr.open_group(
+                EncryptedStore(group.store, moving, enc["store_id"], enc["kdf"], enc["scope"],
+                               _keys=keys, _manifest=man), mode="r", use_consolidated=False)
+        elif key is not None:
+            raise DatasetError(f"the Zarr store {store!r} is not encrypted, but a key was given")
         share = attrs.get(SHARE_ATTR)
         if share is not None and not share.get("complete"):
             raise DatasetError(
                 f"the Zarr store {store!r} was not completely written by Dataset.share "
                 "(the share was interrupted); run share again")
-        if ATTR in attrs:
-            data_key = open_key(key, attrs[ATTR], where=f"the Zarr store {store!r}")
-            group = zarr.open_group(EncryptedStore(group.store, data_key,
-                                                   attrs[ATTR]["store_id"]), mode="r")
-        elif key is not None:
-            raise DatasetError(f"the Zarr store {store!r} is not encrypted, but a key was given")
+        refuse_pickle_codecs(top_level_metadata(group.store), f"the Zarr store {store!r}")
         available = sorted(k for k, _ in group.arrays())
         if not names:
             names = {k: k for k in available}
         arrays = {}
         for name, path in names.items():
+            refuse_pickle_codecs({path: raw_array_metadata(group.store, path)},
+                                 f"the Zarr store {store!r}")
             try:
                 arr = group[path]
             except KeyError:
@@ -203,6 +219,7 @@ class Dataset:
                 raise DatasetError(f"{path!r} in {store!r} is a group, not an array")
             arrays[name] = da.from_zarr(arr)
         ds = cls(arrays)
+        ds._key = handle  # stays on the client (a raw key or passphrase refuses pickling)
         if all(a.chunks[0] == ds.chunks for a in ds._arrays.values()):
             ds._zarr = ZarrSource(group.store, {n: p for n, p in names.items()}, ds.chunks)
         return ds
@@ -361,10 +378,17 @@ class Dataset:
         compressor : ``"zstd"`` (default), ``"lz4"`` (Blosc LZ4 with byte shuffle:
             faster to read, larger), ``"blosc"`` (Blosc zstd with shuffle), ``"gzip"``,
             ``None``, or a Zarr v3 codec object.
-        key : 32 random bytes or a passphrase: encrypt every chunk with AES-256-GCM
-            bound to its place in the store (see :mod:`daskdl.encryption`).  The key is not
-            stored; keep it to read the data again with ``from_zarr(..., key=...)``.
-        overwrite : replace an existing store at ``path_or_store``.
+        key : 32 random bytes, a passphrase, or a key reference (``"env:NAME"``,
+            ``"file:/path"``, a callable returning either, run where the key is used):
+            encrypt every chunk with AES-256-GCM bound to its place in the store, and
+            authenticate the metadata with a manifest of every chunk (see
+            :mod:`daskdl.encryption`).  The key is not stored; keep it to read the
+            data again with ``from_zarr(..., key=...)``.  A raw key or passphrase
+            stays on the client: the workers receive a key derived for this store
+            only.  A key reference travels as itself and is resolved by each worker.
+        overwrite : replace an existing store at ``path_or_store``.  Without it an
+            existing store is never deleted or changed (``FileExistsError``), even
+            when another share creates it meanwhile.
         client : the Dask client whose workers compute and write the chunks; ``None``
             uses Dask's default scheduler (the default client, if there is one).
 
@@ -374,57 +398,76 @@ class Dataset:
         through :meth:`from_zarr`.
 
         An interrupted share never leaves a store that looks complete: a local path
-        only appears once everything is written, and other stores carry the
-        completion mark only then.
+        is written to a temporary folder beside it, fsynced, and only then renamed
+        into place (with ``overwrite=True``, atomically exchanged with the old
+        store, which is deleted afterwards: there is no moment without a store);
+        other stores carry the completion mark (and, encrypted, the manifest) only
+        at the end.
         """
+        import shutil
+
         import zarr
         from zarr.storage import LocalStore
 
-        from .encryption import ATTR, EncryptedStore, new_encryption_attrs
+        from .encryption import (EncryptedStore, key_handle, new_store_key, publish_dir,
+                                 seal_store)
 
+        handle = key_handle(key)
         local = isinstance(path_or_store, (str, os.PathLike)) and "://" not in str(path_or_store)
+        names = list(self.names)
         if local:
             final = os.fspath(path_or_store)
-            if os.path.exists(final):
-                if not overwrite:
-                    raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
+            if os.path.lexists(final) and not overwrite:
+                raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
             tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
             store = LocalStore(tmp)
         else:
             store = path_or_store
-        group = zarr.open_group(store, mode="w")
-        group.attrs[SHARE_ATTR] = {"complete": False, "names": list(self.names)}
-        if key is not None:
-            data_key, enc = new_encryption_attrs(key)
-            group.attrs[ATTR] = enc
-            group = zarr.open_group(EncryptedStore(group.store, data_key, enc["store_id"]),
-                                    mode="r+")
-        codecs = _compressors(compressor)
-        rows = max(self.chunks)
-        sources, targets = [], []
-        for name, arr in self._arrays.items():
-            regular = arr if _regular(arr.chunks[0]) else arr.rechunk({0: rows})
-            target = group.create_array(
-                name, shape=arr.shape, dtype=arr.dtype,
-                chunks=(regular.chunks[0][0],) + arr.shape[1:], compressors=codecs)
-            sources.append(regular)
-            targets.append(target)
-        job = da.store(sources, targets, lock=False, compute=False)
-        jobs = list(job) if isinstance(job, (tuple, list)) else [job]
-        if client is not None:
-            client.gather(client.compute(jobs))
-        else:
-            import dask
+        try:
+            from zarr.errors import ContainsArrayError, ContainsGroupError
 
-            dask.compute(*jobs)
-        plain = zarr.open_group(store, mode="r+")
-        plain.attrs[SHARE_ATTR] = {"complete": True, "names": list(self.names)}
-        if local:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            return Dataset.from_zarr(final, key=key)
-        return Dataset.from_zarr(store, key=key)
+            try:
+                group = zarr.open_group(store, mode="w" if (overwrite or local) else "w-")
+            except (ContainsArrayError, ContainsGroupError, FileExistsError):
+                raise FileExistsError(f"{store!r} already holds Zarr data; pass overwrite=True "
+                                      "to replace it") from None
+            group.attrs[SHARE_ATTR] = {"complete": False, "names": names}
+            if handle is not None:
+                keys, moving, store_id, kdf, scope = new_store_key(handle)
+                group = zarr.open_group(EncryptedStore(group.store, moving, store_id, kdf, scope,
+                                                       writing=True, _keys=keys), mode="r+")
+            codecs = _compressors(compressor)
+            rows = max(self.chunks)
+            sources, targets = [], []
+            for name, arr in self._arrays.items():
+                regular = arr if _regular(arr.chunks[0]) else arr.rechunk({0: rows})
+                target = group.create_array(
+                    name, shape=arr.shape, dtype=arr.dtype,
+                    chunks=(regular.chunks[0][0],) + arr.shape[1:], compressors=codecs,
+                    config={"write_empty_chunks": True})  # missing == tampered, when sealed
+                sources.append(regular)
+                targets.append(target)
+            job = da.store(sources, targets, lock=False, compute=False)
+            jobs = list(job) if isinstance(job, (tuple, list)) else [job]
+            if client is not None:
+                client.gather(client.compute(jobs))
+            else:
+                import dask
+
+                dask.compute(*jobs)
+            done = {SHARE_ATTR: {"complete": True, "names": names}}
+            if handle is not None:  # the manifest and MAC: the last write
+                seal_store(zarr.open_group(store, mode="r+").store, keys, store_id, kdf, scope,
+                           done)
+            else:
+                zarr.open_group(store, mode="r+").attrs[SHARE_ATTR] = done[SHARE_ATTR]
+            if local:
+                publish_dir(tmp, final, overwrite)
+        except BaseException:
+            if local:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Dataset.from_zarr(final if local else store, key=handle)
 
 
 def _regular(chunks: tuple) -> bool:
@@ -477,7 +520,8 @@ class ZarrSource:
     """Where a Zarr-backed dataset's chunks live: a store, array paths, chunk sizes.
 
     Small and picklable: it travels with each round so the worker reads the chunks
-    itself.
+    itself.  For an encrypted store it carries a key reference (resolved by the
+    worker) or a key derived for this store only, never the user's key.
     """
 
     def __init__(self, store, paths: dict, chunks: tuple):

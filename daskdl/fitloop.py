@@ -64,6 +64,7 @@ class FitConfig:
     max_rejections: int
     checkpoint: object = None
     checkpoint_every: int | None = None
+    checkpoint_key: object = field(default=None, repr=False)  # a key handle (client side)
     faults: dict = field(default_factory=dict)  # rank -> (slowdown, NaN clocks | "all")
     rounds_per_task: int = 1
 
@@ -232,8 +233,12 @@ class FitLoop:
         self.build_queues()
         ckpt = None
         if self.cfg.checkpoint is not None:
+            from .checkpoint import sendable_checkpoint_key
+
             ckpt = to_serialize({"store": self.cfg.checkpoint,
-                                 "keep": int(config.get("checkpoint-keep"))})
+                                 "keep": int(config.get("checkpoint-keep")),
+                                 "key": sendable_checkpoint_key(self.cfg.checkpoint_key,
+                                                                self.dataset)})
         self.call(protocol.START, params=to_serialize(self.start_leaves),
                   policy=to_serialize(self.cfg.policy), members=self._members_msg(),
                   timeout=self.cfg.sync_timeout, clock=self.first_clock, version=version,

@@ -369,13 +369,14 @@ def restore_field(obj) -> dict[int, dict]:
 
 
 def checkpoint_field(obj) -> dict | None:
-    """``{"store": path or Zarr store, "keep": n}`` or ``None``."""
+    """``{"store": path or Zarr store, "keep": n, "key": ...}`` or ``None``."""
     v = load(obj, what="checkpoint")
     if v is None:
         return None
     if not isinstance(v, Mapping) or v.get("store") is None:
         raise ProtocolError("field 'checkpoint' must be {'store': ..., 'keep': n}")
-    return {"store": v["store"], "keep": int_field(v, "keep", 1, 1_000_000)}
+    return {"store": v["store"], "keep": int_field(v, "keep", 1, 1_000_000),
+            "key": v.get("key")}  # a key reference or a series key (daskdl.checkpoint)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,10 @@ class Trainer:
         the newest readable one.
     checkpoint_every : rounds between checkpoints (and one at the end of ``fit``);
         ``None``: at the end of every epoch.
+    checkpoint_key : encrypt and authenticate checkpoints with this key (32 bytes, a
+        passphrase, or a key reference such as ``"env:NAME"``; see
+        :mod:`daskdl.encryption`); ``None`` uses the key of the encrypted share
+        being trained on, if any.
     state : the model's non-trainable state, any pytree of arrays (Flax
         ``variables["batch_stats"]``, NNX ``BatchStat`` state); ``loss_fn(params,
         state, batch)`` then returns ``(loss, new_state)`` or ``(loss, new_state,
@@ -151,7 +155,7 @@ class Trainer:
                  client: Client | None = None, seed: int = 0,
                  rounds_ahead: int | None = None, sync_timeout=None, min_workers: int = 1,
                  checkpoint=None, checkpoint_every: int | None = None, state=None,
-                 shard_params: bool = False):
+                 shard_params: bool = False, checkpoint_key=None):
         _check_arguments(loss_fn, params, optimizer, batch_size, min_workers,
                          checkpoint_every)
         self._template, self._leaves = Template.of(params)
@@ -162,9 +166,10 @@ class Trainer:
             self._state_template.check_portable()
         self.shard_params = bool(shard_params)
         self._steps = 0  # global optimizer steps taken
-        from .checkpoint import checkpoint_spec
+        from .checkpoint import checkpoint_spec, trainer_checkpoint_key
 
         self.checkpoint = checkpoint_spec(checkpoint)
+        self.checkpoint_key = trainer_checkpoint_key(checkpoint_key, self.checkpoint)
         self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self.min_workers = int(min_workers)
         policy = from_config(policy)
@@ -410,6 +415,7 @@ class Trainer:
             rounds_per_task=self.rounds_per_task,
             min_workers=self.min_workers, max_rejections=self.max_rejections,
             checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
+            checkpoint_key=self.checkpoint_key,
             faults=self._faults)
 
     def _finish_fit(self, result: FitResult) -> None:
@@ -432,12 +438,12 @@ class Trainer:
             self._call(protocol.END)
 
     def _load_checkpoint(self, dataset: Dataset):
-        from .checkpoint import load_latest
+        from .checkpoint import checkpoint_key, load_latest
 
         if self.checkpoint is None:
             raise ValueError("fit(resume=True) needs Trainer(checkpoint='path/to/dir') to "
                              "know where the checkpoints are")
-        ckpt = load_latest(self.checkpoint)
+        ckpt = load_latest(self.checkpoint, key=checkpoint_key(self.checkpoint_key, dataset))
         if ckpt is None:
             logger.info("daskdl: no checkpoint under %s; starting from the beginning",
                         self.checkpoint)

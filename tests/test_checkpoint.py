@@ -122,6 +122,171 @@ def test_resume_errors_name_the_mismatch(client2, digits, tmp_path):
                      batch_size=16, client=client2, checkpoint=ckpt) as tr:
         with pytest.raises(ValueError, match="batch_size=32"):
             tr.fit(ds, epochs=2, resume=True)
+    with pytest.raises(ValueError, match="no checkpoint= directory"):
+        ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                    client=client2, checkpoint_key="env:DASKDL_KEY")
+    with pytest.raises(ValueError, match="32 random bytes"):
+        ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                    client=client2, checkpoint=ckpt, checkpoint_key=b"short")
     with pytest.raises(TypeError, match="checkpoint must be"):
         ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
                     client=client2, checkpoint=3)
+
+
+# -- encrypted, authenticated checkpoints; permissions; durability ---------------------------
+KEY = bytes(range(100, 132))
+
+
+def _files(root):
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+def _chunk(root, name, array="params/float32"):
+    return next(f for f in _files(os.path.join(root, name, array, "c")))
+
+
+def test_keyed_checkpoints_are_encrypted_private_and_round_trip(tmp_path):
+    root = str(tmp_path / "ck")
+    _write_keyed = lambda clock, key: write_checkpoint(  # noqa: E731
+        root, clock, params=[np.full((3, 4), 1234.5, np.float32)], policy_state=[],
+        opt_states={0: [np.ones(2)]}, local_params={}, meta={"epoch": 0, "round": clock},
+        key=key)
+    _write_keyed(5, KEY)
+    ck = load_latest(root, key=KEY)
+    np.testing.assert_array_equal(ck["params"][0], 1234.5)
+    blob = b"".join(open(f, "rb").read() for f in _files(root))
+    assert np.float32(1234.5).tobytes() * 4 not in blob and KEY not in blob
+    assert b'"round"' not in blob  # the metadata is sealed too
+    assert os.stat(root).st_mode & 0o777 == 0o700
+    assert all(os.stat(f).st_mode & 0o777 == 0o600 for f in _files(root))
+    assert all(os.stat(d).st_mode & 0o777 == 0o700 for d, _, _ in os.walk(root))
+    _write_keyed(5, KEY)  # the same clock again: exchanged atomically, nothing left aside
+    assert os.listdir(root) == ["ckpt-000000005"]
+    with pytest.raises(ddl.DaskDLError, match="encrypted; pass the key"):
+        load_latest(root)
+    with pytest.raises(ddl.DaskDLError, match="wrong key"):
+        load_latest(root, key=os.urandom(32))
+    _write(root, 9, 1.0)  # a plaintext one where a key is expected: refused, not used
+    with pytest.raises(ddl.DaskDLError, match="not encrypted, but a checkpoint key is given"):
+        load_latest(root, key=KEY)
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "keyed"])
+@pytest.mark.parametrize("damage", ["changed", "truncated"])
+def test_changed_or_truncated_checkpoint_file_is_detected(tmp_path, key, damage):
+    root = str(tmp_path / "ck")
+    for clock, value in ((5, 1.0), (10, 2.0)):
+        write_checkpoint(root, clock, params=[np.full((3, 4), value, np.float32)],
+                         policy_state=[], opt_states={}, local_params={}, meta={}, key=key)
+    chunk = _chunk(root, "ckpt-000000010")
+    data = bytearray(open(chunk, "rb").read())
+    if damage == "changed":
+        data[len(data) // 2] ^= 0x40
+    else:
+        data = data[:len(data) // 2]
+    open(chunk, "wb").write(bytes(data))
+    with pytest.raises(ddl.DaskDLError, match="ckpt-000000010|chunk"):
+        read_checkpoint(root, "ckpt-000000010", key=key)
+    with pytest.warns(UserWarning, match="skipping checkpoint ckpt-000000010"):
+        ck = load_latest(root, key=key)
+    assert ck["name"] == "ckpt-000000005"
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "keyed"])
+def test_changed_checkpoint_metadata_is_detected(tmp_path, key):
+    import json
+
+    root = str(tmp_path / "ck")
+    write_checkpoint(root, 5, params=[np.zeros(4, np.float32)], policy_state=[],
+                     opt_states={}, local_params={}, meta={"epoch": 3}, key=key)
+    f = os.path.join(root, "ckpt-000000005", "params", "float32", "zarr.json")
+    doc = json.load(open(f))
+    doc["fill_value"] = 1.0
+    doc["shape"] = [2]
+    json.dump(doc, open(f, "w"))
+    with pytest.raises(ddl.DaskDLError):
+        ck = read_checkpoint(root, "ckpt-000000005", key=key)
+        assert ck["params"][0].shape == (4,)  # without a key: the digest catches it
+        raise AssertionError("not detected")
+
+
+def test_renamed_keyed_checkpoint_is_detected(tmp_path):
+    root = str(tmp_path / "ck")
+    write_checkpoint(root, 5, params=[np.zeros(2)], policy_state=[], opt_states={},
+                     local_params={}, meta={}, key=KEY)
+    os.rename(os.path.join(root, "ckpt-000000005"), os.path.join(root, "ckpt-000000099"))
+    with pytest.raises(ddl.DaskDLError, match="ckpt-000000099.*failed authentication"):
+        read_checkpoint(root, "ckpt-000000099", key=KEY)
+
+
+def test_checkpoint_directory_of_another_user_or_a_link_is_refused(tmp_path, monkeypatch):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(theirs).st_uid + 1)  # not the owner
+    with pytest.raises(ddl.DaskDLError, match="not by you"):
+        _write(str(theirs), 1, 1.0)
+    monkeypatch.undo()
+    link = tmp_path / "link"
+    link.symlink_to(theirs)
+    with pytest.raises(ddl.DaskDLError, match="symbolic link"):
+        _write(str(link), 1, 1.0)
+    w = CheckpointWriter(str(link), keep=2)  # the writer reports it like a full disk
+    w.submit(1, 1, [np.zeros(2)], [], {}, {}, {})
+    assert "symbolic link" in w.close()[0]
+
+
+def test_training_on_an_encrypted_share_encrypts_its_checkpoints(client2, digits, tmp_path,
+                                                                 monkeypatch):
+    """Trainer(checkpoint=...) on a share opened with a key: the checkpoints use it by
+    default (a raw key: the scheduler gets a key for this series only), and resume."""
+    import json
+
+    x, y = digits
+    ds = ddl.Dataset.from_arrays(x=x[:600], y=y[:600], chunk_size=150).share(
+        str(tmp_path / "e.zarr"), key=KEY)
+    ckpt = str(tmp_path / "ck")
+
+    def trainer(**kw):
+        return ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                           policy=ddl.BSP(every=4), batch_size=32, client=client2,
+                           checkpoint=ckpt, **kw)
+
+    with trainer() as tr:
+        tr.fit(ds, epochs=1, verbose=False)
+    name = list_checkpoints(ckpt)[-1]
+    attrs = json.load(open(os.path.join(ckpt, name, "zarr.json")))["attributes"]
+    assert "daskdl_encryption" in attrs and "sealed" in attrs["daskdl_checkpoint"]
+    assert load_latest(ckpt, key=KEY)["meta"]["epoch"] == 1
+    with trainer() as tr:
+        assert [h["epoch"] for h in tr.fit(ds, epochs=2, verbose=False, resume=True)] == [1]
+    # an explicit key reference: resolved on the scheduler (in-process here) and client
+    monkeypatch.setenv("DASKDL_TEST_CKPT_KEY", "a checkpoint passphrase")
+    ckpt = str(tmp_path / "ck2")
+    with trainer(checkpoint_key="env:DASKDL_TEST_CKPT_KEY") as tr:
+        tr.fit(ds, epochs=1, verbose=False)
+    assert load_latest(ckpt, key="a checkpoint passphrase")["meta"]["epoch"] == 1
+
+
+def test_checkpoint_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    import daskdl.encryption as enc
+
+    root = str(tmp_path / "ck")
+    synced, renamed = [], []
+    real_fsync, real_rename2 = os.fsync, enc._rename2
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename2(src, dst, flags):
+        renamed.append((src, list(synced)))
+        return real_rename2(src, dst, flags)
+
+    monkeypatch.setattr(enc.os, "fsync", fsync)
+    monkeypatch.setattr(enc, "_rename2", rename2)
+    _write(root, 3, 1.0)
+    _write(root, 3, 2.0)  # the same clock rewritten: exchanged, after an fsync too
+    for src, before in renamed:
+        assert src in before and any(p.startswith(src + "/params/") for p in before)
+    assert os.listdir(root) == ["ckpt-000000003"]
+    np.testing.assert_array_equal(load_latest(root)["params"][0], 2.0)

@@ -68,6 +68,26 @@ def test_encrypted_store_trains_and_is_deterministic_per_seed(client2, digits, t
     assert acc > 0.8
 
 
+def test_key_reference_share_trains_and_tampering_fails_the_fit(client2, digits, tmp_path):
+    """Workers resolve a ``file:`` key reference themselves; a chunk deleted after the
+    store was opened fails training with an error naming the array and the chunk."""
+    x, y = digits
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(os.urandom(32))
+    key = f"file:{keyfile}"
+    path = str(tmp_path / "ref.zarr")
+    ds = ddl.Dataset.from_arrays(x=x, y=y, chunk_size=300).share(path, key=key, client=client2)
+    assert ds._zarr.store._key == ddl.KeyRef(key)  # only the reference is in the rounds
+    _, acc, _ = fit_digits(client2, ds, epochs=3)
+    assert acc > 0.8
+    opened = ddl.Dataset.from_zarr(path, key=key)
+    victim = sorted(os.listdir(os.path.join(path, "y", "c")))[2]
+    os.remove(os.path.join(path, "y", "c", victim))
+    with pytest.raises(ddl.ChunkAuthenticationError,
+                       match=rf"chunk '{victim}' of array 'y' is missing"):
+        fit_digits(client2, opened, epochs=1)
+
+
 def test_any_dask_source_trains(client2, digits):
     x, y = digits
     parts = [dask.delayed(lambda a: a)(x[i:i + 300]) for i in range(0, 1500, 300)]
