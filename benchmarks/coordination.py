@@ -58,8 +58,9 @@ def _free_port() -> int:
 
 def _env() -> dict:
     env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(ddl.__file__))  # the daskdl this process runs
     env.update(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root] + sys.path))
     return env
 
 
