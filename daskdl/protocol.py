@@ -478,8 +478,10 @@ class MemberEvent:
 class Faults:
     """Fault injection for tests and benchmarks (config ``daskdl.testing``), never
     set otherwise: ``slowdown`` makes the round's compute that many times slower
-    (a straggler), ``send_nan`` replaces the update by NaN."""
+    (a straggler; a round is taken to compute for at least ``SLOWDOWN_FLOOR_S``, so
+    the factor shows over scheduling noise), ``send_nan`` replaces the update by NaN."""
 
+    SLOWDOWN_FLOOR_S = 0.01
     slowdown: float = 1.0
     send_nan: bool = False
 

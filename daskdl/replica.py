@@ -287,8 +287,11 @@ class Replica(WorkerPlugin):
         losses = np.asarray(losses)  # waits for the computation
         faults = spec.faults
         if faults is not None and faults.slowdown > 1.0 and self.compiles == compiles:
-            # a simulated straggler (benchmarks, tests); compilation is not slowed down
-            time.sleep((faults.slowdown - 1.0) * (time.perf_counter() - t0))
+            # a simulated straggler (benchmarks, tests); compilation is not slowed down.
+            # A floor on the measured time keeps a straggler a straggler when rounds
+            # take a millisecond and scheduling noise would otherwise swamp the factor.
+            elapsed = max(time.perf_counter() - t0, faults.SLOWDOWN_FLOOR_S)
+            time.sleep((faults.slowdown - 1.0) * elapsed)
         return state, losses, aux
 
     def contribution(self, spec: RoundSpec, state) -> list:
