@@ -423,10 +423,16 @@ class CheckpointWriter:
 
     def submit(self, clock: int, version: int, params: list, policy_state: list,
                opt_states: dict, local_params: dict, meta: dict) -> None:
-        copy = [np.array(x, copy=True) for x in params]  # the run goes on changing them
-        pol = [np.array(x, copy=True) for x in policy_state]
+        """Queue a checkpoint.  ``params`` may be a function returning ``(params,
+        policy_state, local_params)``, called in the writer's thread (sharded runs: it
+        fetches the shards from their owners)."""
+        if callable(params):
+            copy, pol, local = params, [], {}
+        else:
+            copy = [np.array(x, copy=True) for x in params]  # the run goes on changing them
+            pol = [np.array(x, copy=True) for x in policy_state]
+            local = {r: [np.array(x, copy=True) for x in v] for r, v in local_params.items()}
         opts = {r: [np.asarray(x) for x in v] for r, v in opt_states.items()}
-        local = {r: [np.array(x, copy=True) for x in v] for r, v in local_params.items()}
         self._futures = [f for f in self._futures if not f.done()]
         job = (clock, copy, pol, opts, local, dict(meta, version=int(version)))
         with self._lock:
@@ -444,6 +450,8 @@ class CheckpointWriter:
     def _write(self, clock, params, pol, opts, local, meta) -> None:
         t0 = time.perf_counter()
         try:
+            if callable(params):
+                params, pol, local = params()
             if self._key is not None and not isinstance(self._key, SubKey):
                 self._key = series_key(self._key)  # one derivation for the whole series
             write_checkpoint(self.store, clock, params, pol, opts, local, meta, key=self._key)

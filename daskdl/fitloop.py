@@ -67,6 +67,8 @@ class FitConfig:
     checkpoint_key: object = field(default=None, repr=False)  # a key handle (client side)
     faults: dict = field(default_factory=dict)  # rank -> (slowdown, NaN clocks | "all")
     rounds_per_task: int = 1
+    sharded: bool = False  # sync="sharded" (daskdl.shards)
+    compression: str | None = None
 
     @property
     def tasks_ahead(self) -> int:
@@ -239,7 +241,19 @@ class FitLoop:
                                  "keep": int(config.get("checkpoint-keep")),
                                  "key": sendable_checkpoint_key(self.cfg.checkpoint_key,
                                                                 self.dataset)})
-        self.call(protocol.START, params=to_serialize(self.start_leaves),
+        params = dict(params=to_serialize(self.start_leaves))
+        self.init = None  # sharded: the starting params, on every worker (not the scheduler)
+        if self.cfg.sharded:
+            leaves = self.start_leaves
+            params = dict(specs=[[list(np.shape(x)), np.asarray(x).dtype.name] for x in leaves],
+                          fit=self.start_at.fit_id)
+            try:
+                self.init = self.c.scatter(list(leaves), broadcast=True, direct=True,
+                                           hash=False)
+            except (OSError, ValueError):  # the client cannot reach the workers
+                self.init = self.c.scatter(list(leaves), broadcast=True, hash=False)
+            self.init_ranks: set = set()
+        self.call(protocol.START, **params,
                   policy=to_serialize(self.cfg.policy), members=self._members_msg(),
                   timeout=self.cfg.sync_timeout, clock=self.first_clock, version=version,
                   policy_state=to_serialize(policy_state), restore=to_serialize(restore),
@@ -312,7 +326,9 @@ class FitLoop:
             names=tuple(self.dataset.names), timeout=self.cfg.sync_timeout,
             sends=self.cfg.policy.sends, checkpoint=(clock + 1) in self.ckpt_clocks,
             source=reader, next_chunks=self._next_chunks(i, rank, k) if reader else (),
-            faults=self.cfg.faults_for(rank, clock), secede=self.source.kind == "graph")
+            faults=self.cfg.faults_for(rank, clock), secede=self.source.kind == "graph",
+            members=tuple(self.workers) if self.cfg.sharded else (),
+            compression=self.cfg.compression)
 
     def round_task(self, rank: int, rounds: list):
         """The task running ``rounds`` (``(entry, round, clock)``, consecutive) of worker
@@ -325,9 +341,13 @@ class FitLoop:
         suffix = f"-g{self.gen}" if self.gen else ""
         key = (f"{protocol.ROUND_PREFIX}-{self.cfg.run}-{first.epoch}-{first.round}-{rank}"
                f"{suffix}")
+        kwargs = {}
+        if self.cfg.sharded and self.gen == 0 and rank not in self.init_ranks:
+            kwargs["init"] = self.init  # the first task of each rank: the fit's params
+            self.init_ranks.add(rank)
         with dask.annotate(workers=[addr], allow_other_workers=False, priority=-first.clock):
             d = dask.delayed(run_rounds, pure=False)(specs, chunks if blocks else (),
-                                                     *blocks, dask_key_name=key)
+                                                     *blocks, dask_key_name=key, **kwargs)
         segments = {sp.clock: self.entries[i].plan.round_segments(rank, k)
                     for sp, (i, k, _) in zip(specs, rounds)}
         return d, {"gen": self.gen, "rank": rank, "segments": segments,

@@ -281,6 +281,11 @@ class SyncRequest:
     opt_state: Any = field(default=None, repr=False)
     state: Any = field(default=None, repr=False)  # the model state's leaves (or None)
     steps: int = 0  # optimizer steps the round took
+    # sync="sharded": no params; the update went to the shard owners
+    finite: bool = True  # the update was finite (a sharded update is checked at its worker)
+    divergence: float | None = None  # norm of the update (params: of its change)
+    sent: int = 0  # bytes sent to shard owners
+    transfer: float = 0.0  # seconds spent sending them
 
     @classmethod
     def from_msg(cls, msg: Mapping) -> "SyncRequest":
@@ -291,7 +296,11 @@ class SyncRequest:
                    loss=float_field(msg, "loss", None, allow_none=True),
                    compute=float_field(msg, "compute", 0.0, lo=0.0, hi=1e9),
                    opt_state=msg.get("opt_state"), state=msg.get("state"),
-                   steps=int_field(msg, "steps", 0, 2**31, default=0))
+                   steps=int_field(msg, "steps", 0, 2**31, default=0),
+                   finite=bool_field(msg, "finite", True),
+                   divergence=float_field(msg, "divergence", None, allow_none=True, lo=0.0),
+                   sent=int_field(msg, "sent", 0, 2**50, default=0),
+                   transfer=float_field(msg, "transfer", 0.0, lo=0.0, hi=1e9))
 
     def to_msg(self, secret: str) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -316,10 +325,13 @@ class SyncReply:
     diverged: bool = False
     state: Any = field(default=None, repr=False)  # the merged model state (None: yours)
     steps: int = -1  # global optimizer steps at the worker's clock (-1: unknown)
+    merges: tuple = ()  # sync="sharded": the merges owners may not have applied (msg form)
 
     def to_msg(self) -> dict:
         d = {"status": self.status.value, "version": self.version, "waited": self.waited,
              "reason": self.reason, "diverged": self.diverged, "steps": self.steps}
+        if self.merges:
+            d["merges"] = list(self.merges)
         if self.params is not None:
             from distributed.protocol.serialize import to_serialize
 
@@ -337,7 +349,7 @@ class SyncReply:
                    waited=float(msg.get("waited", 0.0)), reason=str(msg.get("reason", "")),
                    diverged=bool(msg.get("diverged", False)),
                    state=load(msg["state"]) if msg.get("state") is not None else None,
-                   steps=int(msg.get("steps", -1)))
+                   steps=int(msg.get("steps", -1)), merges=tuple(msg.get("merges") or ()))
 
 
 def _leaves_or_none(obj, what: str) -> list | None:
@@ -365,6 +377,30 @@ def restore_field(obj) -> dict[int, dict]:
         out[rank] = {"opt_state": _leaves_or_none(r.get("opt_state"), "restored opt_state")
                      or [],
                      "params": _leaves_or_none(r.get("params"), "restored params")}
+    return out
+
+
+def specs_field(v, limit: int = 1_000_000) -> list | None:
+    """``[(shape, dtype name)]`` of a sharded run's parameters, or ``None``."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    from .shards import Spec
+
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or not v or len(v) > limit:
+        raise ProtocolError("field 'specs' must be a non-empty list of [shape, dtype]")
+    out = []
+    for item in v:
+        try:
+            shape, dtype = item
+            shape = tuple(int_field({"d": d}, "d", 0, 2**40) for d in shape)
+            dt = np.dtype(str_field({"t": dtype}, "t", 32))
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"field 'specs': {item!r} is no [shape, dtype] ({e})") from None
+        if dt.kind not in "fiub" and dt.name != "bfloat16":
+            raise ProtocolError(f"field 'specs': dtype {dt} is not numeric")
+        out.append(Spec(shape, dt))
     return out
 
 
@@ -403,13 +439,22 @@ class StartRequest:
     checkpoint_clocks: frozenset = frozenset()
     state: list = field(default_factory=list, repr=False)  # the model state's leaves
     steps: int = 0  # global optimizer steps at ``clock``
+    specs: list | None = None  # sync="sharded": [(shape, dtype)] of the params (no bytes)
+    fit: int = 0  # the trainer's fit number (shard owners are keyed by fit and generation)
+
+    @property
+    def sharded(self) -> bool:
+        return self.specs is not None
 
     @classmethod
     def from_msg(cls, msg: Mapping) -> "StartRequest":
         from .policies import Policy
 
+        specs = specs_field(msg.get("specs"))
         params = _leaves_or_none(msg.get("params"), "params")
-        if not params:
+        if specs is not None and params:
+            raise ProtocolError("a sharded run sends 'specs', not 'params'")
+        if not params and specs is None:
             raise ProtocolError("field 'params' must be a non-empty list of numpy arrays")
         policy = load(msg.get("policy"), what="policy")
         if not isinstance(policy, Policy):
@@ -425,7 +470,8 @@ class StartRequest:
                    max_samples=opt_int_field(msg, "max_samples", 1),
                    checkpoint_clocks=clocks_field(msg, "checkpoint_clocks"),
                    state=_leaves_or_none(msg.get("state"), "state") or [],
-                   steps=int_field(msg, "steps", 0, 2**62, default=0))
+                   steps=int_field(msg, "steps", 0, 2**62, default=0), specs=specs,
+                   fit=int_field(msg, "fit", 0, 2**31, default=0))
 
     def to_msg(self, secret: str) -> dict:
         """The keyword arguments of ``scheduler.daskdl_start`` (payloads serialized)."""
@@ -520,6 +566,12 @@ class RoundSpec:
     next_chunks: tuple = ()
     faults: Faults | None = None
     secede: bool = True  # leave the thread pool while waiting in the barrier
+    members: tuple = ()  # sync="sharded": the generation's workers by rank (shard owners)
+    compression: str | None = None  # sync="sharded": how updates travel (None, bf16, int8)
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.members)
 
     @property
     def samples(self) -> int:

@@ -30,6 +30,7 @@ trip between two rounds): :class:`RoundOrder` runs them in clock order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -51,6 +52,8 @@ from .sources import ChunkReader
 from .step import DeviceMesh, init_state, make_train_steps, set_step_count
 from .model import takes_key
 from .tree import flatten, unflatten
+
+logger = logging.getLogger("daskdl")
 
 
 def replica_name(run: str) -> str:
@@ -142,8 +145,11 @@ class Replica(WorkerPlugin):
     idempotent = False
 
     def __init__(self, run: str, secret: str, loss_fn, optimizer, template, seed: int,
-                 state_template=None, shard_params: bool = False):
+                 state_template=None, shard_params: bool = False, policy=None,
+                 sharded: bool = False):
         self.run = run
+        self.policy = policy  # sync="sharded": this worker merges the shard it owns
+        self.sharded = sharded
         self.name = replica_name(run)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -167,11 +173,15 @@ class Replica(WorkerPlugin):
         self.order = RoundOrder()
         self.reader = ChunkReader()
         self.mesh = None
+        self.exchange = None
+        self.timings: dict = {}
+        self.feedback: dict = {}  # (shards, shard) -> ErrorFeedback (compressed updates)
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        for k in ("worker", "train_steps", "state", "order", "reader", "mesh"):
+        for k in ("worker", "train_steps", "state", "order", "reader", "mesh", "exchange"):
             d[k] = None
+        d["feedback"] = {}
         return d
 
     def __setstate__(self, d):
@@ -182,10 +192,18 @@ class Replica(WorkerPlugin):
         self.worker = worker
         self.mesh = DeviceMesh.local(self.shard_params)
         quiet_round_failures()
+        if self.sharded:
+            from .compression import decompress
+            from .exchange import Exchange, install
+
+            install(worker)
+            self.exchange = Exchange(worker, self.policy, decode=decompress)
 
     def teardown(self, worker):
         self.reader.close()
         self.order.close()
+        if self.exchange is not None:
+            self.exchange.close()
 
     # -- scheduler calls ------------------------------------------------------------
     def _call(self, op: str, **kwargs) -> dict:
@@ -203,6 +221,61 @@ class Replica(WorkerPlugin):
             _, opt_def = flatten(self.state.opt_state)
             leaves = [jnp.array(x) for x in protocol.load(reply["opt_state"])]
             self.state = self.state._replace(opt_state=unflatten(opt_def, leaves))
+
+    def _pull_sharded(self, spec: RoundSpec, init) -> None:
+        """Start a generation of a sharded run: the global parameters of the version
+        it starts from (the fit's ``init``, this worker's own copy, or a copy from the
+        worker the plugin names), and the owner of shard ``spec.rank``."""
+        from .exchange import FULL
+        from .shards import Owner, ShardMap, specs_of, split_state
+
+        reply = self._call(protocol.PARAMS, run=self.run, secret=self._secret, rank=spec.rank)
+        if reply.get("status") != Status.OK.value:
+            raise SyncAborted(f"cannot start the generation: {reply.get('reason')}")
+        version, source = int(reply["version"]), reply.get("source")
+        ex = self.exchange
+        held, leaves, _ = ex.held
+        if leaves is not None and held == version:
+            pass
+        elif source is None and init is not None:
+            leaves = [np.asarray(x) for x in init]
+        elif source is not None:
+            got = self._call_worker(source, FULL, version=version)
+            leaves = protocol.load(got["leaves"])
+        else:
+            raise SyncAborted(f"{spec.where} on {self.worker.address}: no worker holds the "
+                              f"parameters of version {version}")
+        ex.held = (version, leaves, (spec.fit, spec.gen))
+        self._set_params(leaves, version)
+        self._set_model_state(reply.get("state"), reply.get("steps", -1))
+        if reply.get("params") is not None:  # this rank's own params (EASGD, resumed)
+            self._set_params(protocol.load(reply["params"]), version)
+        if reply.get("opt_state") is not None:
+            _, opt_def = flatten(self.state.opt_state)
+            opt = [jnp.array(x) for x in protocol.load(reply["opt_state"])]
+            self.state = self.state._replace(opt_state=unflatten(opt_def, opt))
+        specs = specs_of(leaves)
+        smap = ShardMap(specs, len(spec.members))
+        policy_state = reply.get("policy_state")
+        if policy_state is not None:
+            policy_state = split_state(protocol.load(policy_state), specs, smap, spec.rank)
+        owner = Owner(self.policy, spec.gen, spec.rank,
+                      [np.array(p, copy=True) for p in smap.pieces(leaves, spec.rank)],
+                      version, smap.piece_specs(spec.rank), policy_state, decode=ex.decode)
+
+        async def own():
+            ex.set_owner((spec.fit, spec.gen), spec.members, smap, owner)
+        sync(self.worker.loop, own)
+        self.feedback = {}
+
+    def _call_worker(self, address: str, op: str, **kwargs) -> dict:
+        async def call():
+            return await getattr(self.worker.rpc(address), op)(
+                run=self.run, secret=self._secret, **kwargs)
+        reply = sync(self.worker.loop, call)
+        if reply.get("status") != Status.OK.value:
+            raise RoundDiscarded(f"worker {address} refused {op}: {reply.get('reason')}")
+        return reply
 
     def _set_params(self, leaves, version: int, fresh: bool = False) -> None:
         params = self.template.trainable([jnp.array(leaf) for leaf in leaves])
@@ -228,14 +301,18 @@ class Replica(WorkerPlugin):
         self.compiles += 1
 
     # -- a round ----------------------------------------------------------------------
-    def run_round(self, spec: RoundSpec, blocks: tuple) -> dict:
-        """Run one round in its turn; see the module docstring."""
+    def run_round(self, spec: RoundSpec, blocks: tuple, init=None) -> dict:
+        """Run one round in its turn; see the module docstring.  ``init``: the fit's
+        starting parameters (sharded runs, first round of a rank)."""
         if self.order.wait_turn(spec, self.worker.address):
             self.need_pull = True  # a new fit or generation: pull at its first round
         ok = False
         try:
             if self.need_pull or self.state is None:
-                self._pull(spec.rank)
+                if spec.sharded:
+                    self._pull_sharded(spec, init)
+                else:
+                    self._pull(spec.rank)
                 self.need_pull = False
             out = self._round(spec, blocks)
             ok = True
@@ -252,8 +329,9 @@ class Replica(WorkerPlugin):
         leaves = self.contribution(spec, state)
         before, self.state = self.state, state
         samples = int(np.prod(losses.shape)) * spec.batch_size
-        reply = self.sync(spec, leaves, samples, float(losses.mean()),
-                          times["compute"] - times["data"], state)
+        sync_fn = self.sync_sharded if spec.sharded else self.sync
+        reply = sync_fn(spec, leaves, samples, float(losses.mean()),
+                        times["compute"] - times["data"], state)
         self.apply(spec, reply, before)
         return self._result(spec, reply, losses, aux, samples, times)
 
@@ -297,7 +375,7 @@ class Replica(WorkerPlugin):
     def contribution(self, spec: RoundSpec, state) -> list:
         """What the policy merges: the local params, or their change over the round.
         Non-finite values are sent all the same (the plugin rejects them)."""
-        if spec.sends == "delta":
+        if spec.sends == "delta" or spec.compression is not None:  # compressed: a delta
             leaves = [np.asarray(x) for x in _deltas(state.params, self.state.params)]
         else:
             leaves = [np.asarray(x) for x in flatten(state.params)[0]]
@@ -331,6 +409,129 @@ class Replica(WorkerPlugin):
             if spec.secede:
                 rejoin()
         return SyncReply.from_msg(reply)
+
+    def sync_sharded(self, spec: RoundSpec, leaves: list, samples: int, loss: float,
+                     compute_s: float, state) -> SyncReply:
+        """Sharded: send shard ``j`` of the update to its owner, tell the plugin,
+        then gather the merged shards of the version it answers (see
+        :mod:`daskdl.shards`)."""
+        ex = self.exchange
+        smap, members = ex.map, spec.members
+        t0 = time.perf_counter()
+        finite = all(np.isfinite(x).all() for x in leaves
+                     if np.issubdtype(x.dtype, np.inexact))
+        delta = spec.sends == "delta" or spec.compression is not None
+        sent = 0
+        if finite:
+            parts = [smap.pieces(leaves, j) for j in range(len(members))]
+            if spec.compression is not None:
+                parts = [self._compressor(j, len(members), spec.compression).compress(p)
+                         for j, p in enumerate(parts)]
+            sent = self._scatter(spec, parts, delta)
+        divergence = None
+        if finite and delta:
+            divergence = float(np.sqrt(sum(float(np.vdot(x, x)) for x in leaves
+                                           if np.issubdtype(x.dtype, np.inexact))))
+        t_put = time.perf_counter()
+        opt_state = None
+        if spec.checkpoint:
+            opt_state = to_serialize([np.asarray(x) for x in flatten(state.opt_state)[0]])
+        model_state = None
+        if self.state_template is not None:
+            model_state = to_serialize(flatten(state.state)[0])
+        req = SyncRequest(run=self.run, rank=spec.rank, clock=spec.clock, gen=spec.gen,
+                          samples=samples, version=self.version, params=None, loss=loss,
+                          compute=compute_s, opt_state=opt_state, state=model_state,
+                          steps=samples // spec.batch_size, finite=finite,
+                          divergence=divergence, sent=sent, transfer=t_put - t0)
+        with context_meter.meter("daskdl-sync"):
+            reply = SyncReply.from_msg(self._call(protocol.SYNC, **req.to_msg(self._secret)))
+        if reply.status not in (Status.OK, Status.REJECTED):
+            return reply
+        t_gather = time.perf_counter()
+        try:
+            rank = None if reply.status is Status.REJECTED else spec.rank
+            params, center, at = self._gather(spec, reply.version, list(reply.merges), rank)
+        except (OSError, DaskDLError) as e:  # an owner left: the generation will change
+            logger.info("daskdl: %s on %s: gathering the shards failed: %s", spec.where,
+                        self.worker.address, e)
+            return SyncReply(Status.REPLAN, reply.version)
+        ex.held = (at, center if center is not None else params, (spec.fit, spec.gen))
+        self.timings = {"transfer_s": (t_put - t0) + (time.perf_counter() - t_gather),
+                        "bytes_sent": sent}
+        return SyncReply(reply.status, at, params=params, waited=reply.waited,
+                         reason=reply.reason, state=reply.state, steps=reply.steps)
+
+    def _compressor(self, j: int, n: int, kind: str):
+        from .compression import ErrorFeedback
+
+        key = (n, j, kind)
+        if key not in self.feedback:
+            self.feedback[key] = ErrorFeedback(kind)
+        return self.feedback[key]
+
+    def _scatter(self, spec: RoundSpec, parts: list, delta: bool) -> int:
+        """Send ``parts[j]`` to the owner of shard ``j`` (this worker's own directly);
+        return the bytes sent over the network."""
+        from .exchange import PUT, _nbytes
+
+        ex = self.exchange
+
+        async def put(j):
+            if j == spec.rank:
+                ex.owner.put(spec.rank, spec.clock, parts[j], delta)
+                return {"status": Status.OK.value}
+            return await getattr(self.worker.rpc(spec.members[j]), PUT)(
+                run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
+                rank=spec.rank, clock=spec.clock, shard=j, delta=delta,
+                pieces=to_serialize(parts[j]), timeout=spec.timeout)
+
+        async def scatter():
+            return await asyncio.gather(*(put(j) for j in range(len(parts))))
+
+        for j, r in enumerate(sync(self.worker.loop, scatter)):
+            if r.get("status") != Status.OK.value:
+                raise SyncAborted(f"{spec.where}: the owner of shard {j} refused the update: "
+                                  f"{r.get('reason')}")
+        return sum(_nbytes(p) for j, p in enumerate(parts) if j != spec.rank)
+
+    def _gather(self, spec: RoundSpec, version: int, merges: list, rank):
+        """The merged shards of ``version`` from their owners, assembled: ``(params
+        to continue from, the global params when they differ (policy replies),
+        version)``."""
+        from .exchange import GET
+        from .shards import check_pieces
+
+        ex = self.exchange
+        smap, members = ex.map, spec.members
+
+        async def get(j):
+            if j == spec.rank:  # this worker's own shard: merged in the exchange's thread
+                await asyncio.get_running_loop().run_in_executor(
+                    ex.pool, ex.owner.catch_up, [_entry(m) for m in merges], version)
+                pieces, at = ex.owner.get(rank)
+                center = ex.owner.shard if pieces is not ex.owner.shard else None
+                return pieces, center, at
+            r = await getattr(self.worker.rpc(members[j]), GET)(
+                run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
+                version=version, rank=rank, merges=merges, timeout=spec.timeout)
+            if r.get("status") != Status.OK.value:
+                raise DaskDLError(f"the owner of shard {j} refused: {r.get('reason')}")
+            pieces = protocol.load(r["pieces"])
+            center = protocol.load(r["center"]) if r.get("center") is not None else None
+            return pieces, center, int(r["version"])
+
+        async def gather():
+            return await asyncio.gather(*(get(j) for j in range(len(members))))
+
+        got = sync(self.worker.loop, gather)
+        for j, (pieces, center, _) in enumerate(got):
+            check_pieces(pieces, smap.piece_specs(j), f"shard {j}", finite=False)
+        params = smap.assemble([g[0] for g in got])
+        center = None
+        if any(g[1] is not None for g in got):
+            center = smap.assemble([g[1] if g[1] is not None else g[0] for g in got])
+        return params, center, min(g[2] for g in got)
 
     def apply(self, spec: RoundSpec, reply: SyncReply, before) -> None:
         """Continue from what the reply says, or discard the round."""
@@ -368,6 +569,7 @@ class Replica(WorkerPlugin):
             "version": reply.version, "compiles": self.compiles,
             "started": times["started"], "finished": time.time(),
             "rejected": reply.reason if reply.status is Status.REJECTED else None,
+            **(self.timings if spec.sharded else {}),
         }
 
 
@@ -426,7 +628,13 @@ def quiet_round_failures() -> None:
         log.addFilter(_QUIET)
 
 
-def run_rounds(specs: tuple, chunks: tuple, *blocks) -> list[dict]:
+def _entry(m):
+    from .shards import MergeEntry
+
+    return MergeEntry.from_msg(m)
+
+
+def run_rounds(specs: tuple, chunks: tuple, *blocks, init=None) -> list[dict]:
     """The body of a ``daskdl-round-...`` task: consecutive rounds ``specs`` of one
     rank on this worker.  ``blocks`` hold one array per name for each of ``chunks``
     (none when the worker reads the store itself).  Returns each round's metrics."""
@@ -438,8 +646,9 @@ def run_rounds(specs: tuple, chunks: tuple, *blocks) -> list[dict]:
                           f"{worker.address}; was the trainer closed?")
     width = len(specs[0].names)
     by_chunk = {c: blocks[i * width:(i + 1) * width] for i, c in enumerate(chunks)}
-    return [replica.run_round(spec, tuple(a for c in spec.chunks for a in by_chunk.get(c, ())))
-            for spec in specs]
+    return [replica.run_round(spec, tuple(a for c in spec.chunks for a in by_chunk.get(c, ())),
+                              init=init if i == 0 else None)
+            for i, spec in enumerate(specs)]
 
 
 # -- evaluation and prediction on workers ------------------------------------------------

@@ -129,6 +129,17 @@ class Trainer:
     shard_params : on a worker with several devices (GPUs, or forced host devices),
         shard params and optimizer state across them (FSDP-style) instead of
         replicating them; the batch is split across the devices either way.
+    sync : how workers synchronise: ``"scheduler"`` (every update goes to the scheduler
+        plugin, which merges and answers), ``"sharded"`` (the parameters are split
+        into one shard per worker; workers send each shard of their update straight
+        to its owner, owners merge under the policy and every worker gathers the
+        merged shards: the scheduler coordinates and holds no parameter bytes), or
+        ``"auto"`` (config ``daskdl.sync``; sharded for models of
+        ``daskdl.shards.AUTO_SHARDED_BYTES`` or more).  See "Sharded sync" in the guide.
+    compression : sharded sync only: updates travel as deltas compressed to
+        ``"bf16"`` or ``"int8"`` (one scale per block of 256 values), with error
+        feedback (what rounding lost is added to the next delta); ``None`` sends them
+        exact.
 
     Notes
     -----
@@ -155,10 +166,20 @@ class Trainer:
                  client: Client | None = None, seed: int = 0,
                  rounds_ahead: int | None = None, sync_timeout=None, min_workers: int = 1,
                  checkpoint=None, checkpoint_every: int | None = None, state=None,
-                 shard_params: bool = False, checkpoint_key=None):
+                 shard_params: bool = False, checkpoint_key=None, sync: str | None = None,
+                 compression: str | None = None):
         _check_arguments(loss_fn, params, optimizer, batch_size, min_workers,
                          checkpoint_every)
+        from .compression import check_kind
+        from .shards import choose_sync
+
         self._template, self._leaves = Template.of(params)
+        self.sync = choose_sync(config.get("sync", sync),
+                                sum(np.asarray(x).nbytes for x in self._leaves))
+        self.compression = check_kind(compression)
+        if self.compression is not None and self.sync != "sharded":
+            raise ValueError(f"compression={compression!r} needs sync='sharded' (updates "
+                             "sent to the scheduler travel exact); pass both")
         self._template.check_portable()
         self._state_template, self._state = None, []
         if state is not None:
@@ -257,7 +278,19 @@ class Trainer:
 
     def _fetch_params(self) -> None:
         reply = self._call(protocol.PARAMS, rank=None)
-        if reply.get("status") == protocol.Status.OK.value:
+        if reply.get("status") == protocol.Status.OK.value and self.sync == "sharded":
+            from .exchange import fetch_global
+            from .shards import specs_of
+
+            members = {int(r): a for r, a in reply["members"].items()}
+            self._leaves = self.client.sync(
+                fetch_global, self.client.rpc, self.run, self._secret, int(reply["fit"]),
+                int(reply["gen"]), members, int(reply["version"]), reply["merges"],
+                specs_of(self._leaves))
+            if reply.get("state") is not None:
+                self._state = [np.array(x, copy=True) for x in protocol.load(reply["state"])]
+            self._steps = int(reply.get("steps", self._steps))
+        elif reply.get("status") == protocol.Status.OK.value:
             self._leaves = [np.array(x, copy=True) for x in protocol.load(reply["params"])]
             if reply.get("state") is not None:
                 self._state = [np.array(x, copy=True) for x in protocol.load(reply["state"])]
@@ -287,7 +320,8 @@ class Trainer:
         c.register_plugin(WorkerEnvironment(core_slots(worker_info(c))))
         c.register_plugin(Replica(self.run, self._secret, self.loss_fn, self.optimizer,
                                   self._template, self.seed, self._state_template,
-                                  self.shard_params), name=replica_name(self.run))
+                                  self.shard_params, policy=self.policy,
+                                  sharded=self.sync == "sharded"), name=replica_name(self.run))
 
     def _batch_spec(self, dataset: Dataset, rows: int) -> dict:
         return {n: jax.ShapeDtypeStruct((rows,) + dataset[n].shape[1:], dataset[n].dtype)
@@ -416,7 +450,7 @@ class Trainer:
             min_workers=self.min_workers, max_rejections=self.max_rejections,
             checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
             checkpoint_key=self.checkpoint_key,
-            faults=self._faults)
+            faults=self._faults, sharded=self.sync == "sharded", compression=self.compression)
 
     def _finish_fit(self, result: FitResult) -> None:
         """Apply what a fit did; fetch the global parameters; end the run on the

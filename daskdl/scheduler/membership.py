@@ -43,6 +43,7 @@ class Membership:
 
     def _begin(self, members: dict[int, str], clock: int) -> None:
         self.frozen = False
+        self.start_clock = clock
         self.members = dict(members)
         self.clocks = Clocks({rank: clock for rank in members})
         self.done = {rank: clock for rank in members}

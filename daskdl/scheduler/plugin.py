@@ -27,6 +27,7 @@ from ..errors import DaskDLError
 from ..policies import Contribution, Merged, SyncInfo, state_mean
 from ..protocol import (LeaveReason, MemberEvent, ProtocolError, Status, StartRequest,
                         SyncReply, SyncRequest, ok, refused)
+from ..shards import MergeEntry
 from ..tree import check_like
 from .membership import publish
 from .run import RunState
@@ -231,8 +232,15 @@ class TrainingPlugin(SchedulerPlugin):
 
     @staticmethod
     def _new_run(req: StartRequest, secret: str) -> RunState:
-        st = RunState(req.run, secret, req.params, req.policy, req.members, req.timeout,
-                      clock=req.clock, version=req.version, policy_state=req.policy_state)
+        if req.sharded:  # the params stay on the workers: keep their specs only
+            st = RunState(req.run, secret, [], req.policy, req.members, req.timeout,
+                          clock=req.clock, version=req.version, policy_state=())
+            st.specs, st.nbytes = list(req.specs), sum(s.nbytes for s in req.specs)
+            st.owner_state, st.policy_state = req.policy_state, None
+        else:
+            st = RunState(req.run, secret, req.params, req.policy, req.members, req.timeout,
+                          clock=req.clock, version=req.version, policy_state=req.policy_state)
+        st.fit = req.fit
         st.restore = dict(req.restore)
         st.set_state(req.state, req.steps, req.clock)
         st.max_rejections = int(config.get("max-rejections", req.max_rejections))
@@ -321,17 +329,52 @@ class TrainingPlugin(SchedulerPlugin):
 
     # -- handlers: generations ---------------------------------------------------------------
     @handler
-    def freeze(self, **msg) -> dict:
+    async def freeze(self, **msg) -> dict:
         """``daskdl_freeze(run, secret)``: stop the current generation; rounds not merged
         yet are answered ``replan`` and discarded by their workers.  Replies ``done``
-        (rank -> rounds merged, lost ranks too), ``lost``, ``members``, ``aborted``."""
+        (rank -> rounds merged, lost ranks too), ``lost``, ``members``, ``aborted``.
+
+        Sharded, the next generation starts from the newest version a worker still
+        present holds whole; merges after it are forgotten and their rounds count as
+        not merged."""
         st = self._run(msg)
         st.barrier.clear()
         if st.cut is not None:
             st.cut.opt.clear()
-        frozen = st.membership.freeze()
+        st.membership.frozen = True
         st.barrier.open_all()
+        if st.sharded and st.aborted is None:
+            await self._restart_point(st)
+        frozen = st.membership.freeze()
         return ok(aborted=st.aborted, **frozen)
+
+    async def _restart_point(self, st: RunState) -> None:
+        """Where a sharded run's next generation starts: the newest version a present
+        member holds (``st.source``), rolling back the merges after it."""
+        from ..exchange import HELD
+
+        members = dict(st.members)
+
+        async def held(addr):
+            try:
+                r = await asyncio.wait_for(
+                    getattr(self.scheduler.rpc(addr), HELD)(run=st.run, secret=st.secret), 30)
+                return int(r["version"]) if r.get("status") == Status.OK.value else -1
+            except Exception:  # noqa: BLE001  (a worker that cannot answer holds nothing)
+                return -1
+
+        versions = await asyncio.gather(*(held(a) for a in members.values()))
+        best = max(zip(versions, members.values()), default=(-1, None))
+        version = min(best[0], st.version)
+        if version < st.start_version or best[1] is None:
+            logger.warning("daskdl run %s: no worker still present holds the parameters of "
+                           "this generation; training goes on from where the fit started",
+                           st.run)
+            st.source, version = None, st.start_version
+        else:
+            st.source = best[1]
+        if version < st.version:
+            st.roll_back(version)
 
     @handler
     def regroup(self, **msg) -> dict:
@@ -351,10 +394,13 @@ class TrainingPlugin(SchedulerPlugin):
         st.strikes.clear()
         if st.cut is not None:
             st.cut.replan(planned, after=clock)
+        if st.sharded:  # new owners: every member starts from st.source's version
+            st.start_version, st.log, st.done_floor = st.version, [], {}
+            st.reported = {r: st.version for r in members}
         st.stats.regrouped(gen, clock, members)
         logger.info("daskdl run %s: generation %d with %d workers from clock %d",
                     st.run, gen, len(members), clock)
-        return ok(generation=gen)
+        return ok(generation=gen, source=st.source if st.sharded else None)
 
     @handler
     def get_params(self, **msg) -> dict:
@@ -363,10 +409,34 @@ class TrainingPlugin(SchedulerPlugin):
         its own ``params`` under policies such as EASGD), once."""
         st = self._run(msg)
         rank = None if msg.get("rank") is None else protocol.int_field(msg, "rank", 0, 1_000_000)
+        if st.sharded:
+            return self._sharded_params(st, rank)
         out = ok(params=to_serialize(st.leaves), version=st.version,
                  state=to_serialize(st.state) if st.state else None,
                  steps=st.global_steps(max(st.steps_at) if rank is None
                                        else st.membership.clocks.get(rank, 0)))
+        restore = st.restore.pop(rank, None) if rank is not None else None
+        if restore is not None:
+            if restore.get("params") is not None:
+                out["params"] = to_serialize(restore["params"])
+            out["opt_state"] = to_serialize(restore["opt_state"])
+        return out
+
+    def _sharded_params(self, st: RunState, rank: int | None) -> dict:
+        """``daskdl_params`` of a sharded run: no bytes of params.  A rank learns the
+        version its generation starts from and where to fetch it (``source``; ``None``:
+        the fit's init data), the policy state its shard starts with (resume), and its
+        restored optimizer state.  ``rank=None`` (the client after a fit): the current
+        version, the members (shard owners) and the merges they may not have applied."""
+        out = ok(version=st.start_version if rank is not None else st.version,
+                 state=to_serialize(st.state) if st.state else None,
+                 steps=st.global_steps(max(st.steps_at) if rank is None
+                                       else st.membership.clocks.get(rank, 0)),
+                 source=st.source, fit=st.fit, gen=st.gen,
+                 members={str(r): a for r, a in st.members.items()},
+                 merges=st.merges_msg())
+        if rank is not None and st.owner_state is not None:
+            out["policy_state"] = to_serialize(st.owner_state)
         restore = st.restore.pop(rank, None) if rank is not None else None
         if restore is not None:
             if restore.get("params") is not None:
@@ -406,6 +476,8 @@ class TrainingPlugin(SchedulerPlugin):
         if st.cut is None or not st.cut.meta or st.aborted:
             return
         m = st.membership
+        if st.sharded:
+            return self._checkpoint_sharded(st)
         # the model state is written after the parameters, in the same group
         for clock in st.cut.take(m.members, m.done, st.version, st.leaves + st.state,
                                  jax.tree_util.tree_leaves(st.policy_state), st.replies,
@@ -413,6 +485,33 @@ class TrainingPlugin(SchedulerPlugin):
                                   "generation": m.gen, "state_leaves": len(st.state),
                                   "steps": st.global_steps(min(st.cut.meta))}):
             st.stats.event("checkpoint", clock=clock, version=st.version)
+
+    def _checkpoint_sharded(self, st: RunState) -> None:
+        """Submit the complete cuts of a sharded run: the owners keep the version (the
+        log entry is pinned) until the writer's thread fetches its shards from them."""
+        from ..exchange import fetch_pinned
+
+        m = st.membership
+        loop = asyncio.get_running_loop()
+        version, members, state = st.version, dict(m.members), list(st.state)
+        pinned = {"done": False}
+
+        def fetch():
+            coro = fetch_pinned(self.scheduler.rpc, st.run, st.secret, st.fit, m.gen,
+                                members, version, st.specs, st.policy)
+            params, pol, local = asyncio.run_coroutine_threadsafe(coro, loop).result(
+                timeout=10 * st.timeout)
+            return params + state, pol, local
+
+        for clock in st.cut.take(m.members, m.done, version, fetch, [], {},
+                                 {"policy": st.policy.name, "members": len(m.members),
+                                  "generation": m.gen, "state_leaves": len(st.state),
+                                  "steps": st.global_steps(min(st.cut.meta)),
+                                  "sync": "sharded"}):
+            st.stats.event("checkpoint", clock=clock, version=version)
+            if not pinned["done"] and st.log and st.log[-1].version == version:
+                st.log[-1] = st.log[-1]._replace(pin=True)
+                pinned["done"] = True
 
     # -- handlers: rounds ----------------------------------------------------------------------
     @handler
@@ -430,6 +529,8 @@ class TrainingPlugin(SchedulerPlugin):
             return _aborted(st)
         if not st.membership.current(req.gen, req.rank):
             return SyncReply(Status.REPLAN, st.version).to_msg()
+        if st.sharded:
+            return await self._sync_sharded(st, req)
         leaves, opt_state = self._accept(st, req)
         state = self._model_state(st, req)
         st.count_steps(req.clock, req.steps)
@@ -451,6 +552,46 @@ class TrainingPlugin(SchedulerPlugin):
                      f"{req.clock}; raise daskdl.sync-timeout if rounds are that slow")
         return self._answer(st, req, leaves, time.time() - arrived)
 
+    async def _sync_sharded(self, st: RunState, req: SyncRequest) -> dict:
+        """``daskdl_sync`` of a sharded run: the update went to the shard owners; the
+        plugin counts the arrival, runs the barrier and logs the merges (the owners
+        apply them).  The reply holds the version to gather and the merges since the
+        floor."""
+        if req.params is not None:
+            raise ProtocolError("a sharded run's daskdl_sync carries no params")
+        _, opt_state = self._accept(st, req)
+        state = self._model_state(st, req)
+        st.count_steps(req.clock, req.steps)
+        if not req.finite:
+            return await self._reject(st, req.rank, req.clock,
+                                      "the update holds NaN or infinite values (checked on "
+                                      "its worker before it was sent)")
+        if state is not None:
+            try:
+                check_like(state, st.state, what=f"model state of worker rank {req.rank}")
+            except DaskDLError as e:
+                return await self._reject(st, req.rank, req.clock, str(e))
+        st.reported[req.rank] = req.version
+        arrived = time.time()
+        await self._arrive(st, req, None, opt_state, state)
+        if st.aborted:
+            return _aborted(st)
+        event = st.barrier.enter(req.rank, st.membership.clocks.get(req.rank, req.clock + 1))
+        st.release()
+        if not await st.barrier.wait(req.rank, event, st.timeout,
+                                     lambda: self._drop_silent(st, req)):
+            st.abort(f"worker rank {req.rank} waited {2 * st.timeout:g}s after round "
+                     f"{req.clock}; raise daskdl.sync-timeout if rounds are that slow")
+        if st.aborted:
+            return _aborted(st)
+        if st.membership.done.get(req.rank, 0) <= req.clock or req.gen != st.gen:
+            return SyncReply(Status.REPLAN, st.version).to_msg()
+        waited = time.time() - arrived
+        st.stats.replied(req.rank, waited, 0)
+        return SyncReply(Status.OK, st.version, waited=waited, state=st.state or None,
+                         steps=st.global_steps(req.clock + 1),
+                         merges=tuple(st.merges_msg())).to_msg()
+
     def _accept(self, st: RunState, req: SyncRequest) -> tuple[list, list | None]:
         """The update and optimizer state of ``req`` once its round, size and samples
         are those the run expects (ProtocolError otherwise; nothing changed)."""
@@ -462,8 +603,12 @@ class TrainingPlugin(SchedulerPlugin):
         if req.samples > st.max_samples:
             raise ProtocolError(f"{req.samples} samples in one round is more than the "
                                 f"{st.max_samples} a round holds")
-        with parsing("daskdl_sync params"):
-            leaves = protocol.leaves_field(req.params, st.nbytes, f"update of rank {req.rank}")
+        if st.sharded:
+            leaves = None
+        else:
+            with parsing("daskdl_sync params"):
+                leaves = protocol.leaves_field(req.params, st.nbytes,
+                                               f"update of rank {req.rank}")
         if req.opt_state is None or st.cut is None or not st.cut.wants(req.clock + 1):
             return leaves, None
         with parsing("daskdl_sync opt_state"):
@@ -490,7 +635,10 @@ class TrainingPlugin(SchedulerPlugin):
         if opt_state is not None:
             st.cut.keep_opt_state(req.clock + 1, req.rank, opt_state)
         st.stats.arrived(req.rank, st.members[req.rank], req.clock, req.samples, req.version,
-                         req.loss, req.compute, sum(x.nbytes for x in leaves))
+                         req.loss, req.compute,
+                         req.sent if leaves is None else sum(x.nbytes for x in leaves))
+        if leaves is None and req.divergence is not None and req.rank in st.stats.ranks:
+            st.stats.ranks[req.rank]["divergence"] = req.divergence
         contribution = Contribution(req.rank, leaves, req.samples, req.version, req.loss,
                                     state)
         if st.policy.group:
@@ -542,9 +690,10 @@ class TrainingPlugin(SchedulerPlugin):
             st.barrier.skip(clock, rank)
             await self._merge_group(st, clock)
         st.release()
-        return SyncReply(Status.REJECTED, st.version, params=st.leaves, reason=why,
-                         state=st.state or None,
-                         steps=st.global_steps(clock + 1)).to_msg()
+        return SyncReply(Status.REJECTED, st.version,
+                         params=None if st.sharded else st.leaves, reason=why,
+                         state=st.state or None, steps=st.global_steps(clock + 1),
+                         merges=tuple(st.merges_msg()) if st.sharded else ()).to_msg()
 
     # -- merges --------------------------------------------------------------------------------
     async def _merge_group(self, st: RunState, clock: int) -> None:
@@ -558,6 +707,20 @@ class TrainingPlugin(SchedulerPlugin):
         """Merge ``contributions`` into the global parameters (in a thread above
         ``INLINE_MERGE_BYTES``); a failing merge aborts the run."""
         t0 = time.perf_counter()
+        if st.sharded:  # the owners merge; the plugin logs what and in which order
+            if st.aborted or st.membership.frozen:
+                return
+            st.version += 1
+            st.log.append(MergeEntry(
+                st.version, tuple((c.rank, clock, c.samples, c.version, c.loss)
+                                  for c in contributions), tuple(sorted(st.members))))
+            st.state = state_mean(contributions) or st.state
+            for c in contributions:
+                st.membership.done[c.rank] = max(st.membership.done.get(c.rank, 0), clock + 1)
+            st.stats.merged(contributions, clock, st.version, [], "sharded",
+                            time.perf_counter() - t0)
+            self._checkpoint(st)
+            return
         try:
             merged = await self._merged(st, contributions)
         except Exception as e:  # noqa: BLE001  (a failing merge must never leave workers waiting)

@@ -68,6 +68,58 @@ class RunState:
         self.state: list = []  # the model state (BatchNorm statistics), flat; [] without
         self.state_nbytes = 0
         self.steps_at: dict[int, int] = {clock: 0}  # clock -> global optimizer steps
+        # sync="sharded": the params live on the workers (daskdl.shards); the plugin keeps
+        # their specs, the merges owners may not have applied yet, and where a new
+        # generation's workers find the version it starts from
+        self.specs = None
+        self.fit = 0
+        self.log: list = []  # MergeEntry, versions above the floor
+        self.reported: dict[int, int] = {}  # rank -> version it started its last round from
+        self.done_floor: dict[int, int] = {}  # rank -> rounds merged into pruned entries
+        self.start_version = version  # version the generation starts from
+        self.source: str | None = None  # a worker holding it (None: the fit's init data)
+        self.owner_state = None  # policy state handed to the owners (resume), then None
+
+    @property
+    def sharded(self) -> bool:
+        return self.specs is not None
+
+    def shard_floor(self) -> int:
+        """The lowest version a member started its last round from: every owner has
+        applied the merges up to it."""
+        m = self.membership.members
+        return min((self.reported.get(r, self.start_version) for r in m),
+                   default=self.start_version)
+
+    def merges_msg(self) -> list:
+        """The merge log above the floor (what owners may still have to apply), in
+        message form; entries below it are pruned."""
+        floor = self.shard_floor()
+        if self.log and self.log[0].version <= floor:
+            keep = []
+            for e in self.log:
+                if e.version <= floor:
+                    for rank, clock, *_ in e.contributions:
+                        self.done_floor[rank] = max(self.done_floor.get(rank, 0), clock + 1)
+                else:
+                    keep.append(e)
+            self.log = keep
+        return [e.to_msg() for e in self.log]
+
+    def roll_back(self, version: int) -> None:
+        """Forget the merges after ``version`` (no surviving worker holds them): the
+        rounds they held count as not merged."""
+        kept = [e for e in self.log if e.version <= version]
+        done = dict(self.done_floor)
+        for e in kept:
+            for rank, clock, *_ in e.contributions:
+                done[rank] = max(done.get(rank, 0), clock + 1)
+        m = self.membership
+        for rank in list(m.done):
+            m.done[rank] = min(m.done[rank], max(done.get(rank, 0), m.start_clock))
+        for rank, v in m.lost.items():
+            v["done"] = min(v["done"], max(done.get(rank, 0), m.start_clock))
+        self.log, self.version = kept, version
 
     def __repr__(self) -> str:
         return f"<RunState {self.run!r} generation {self.gen} version {self.version}>"
@@ -132,6 +184,7 @@ class RunState:
         keep what dashboards read."""
         self.ended = time.time()
         self.leaves, self.policy_state, self.replies, self.restore = [], None, {}, {}
+        self.log, self.owner_state = [], None
         self.state = []
         self.barrier.clear()
         if self.cut is not None:

@@ -114,6 +114,8 @@ class Stats:
         if now - self._divergence_at >= DIVERGENCE_EVERY_S:
             self._divergence_at = now
             for c in contributions:
+                if c.leaves is None:  # sharded: the worker sent the norm with its arrival
+                    continue
                 if sends != "params":
                     d = norm_of_difference(c.leaves, [np.zeros_like(x) for x in c.leaves])
                 elif all(a is b for a, b in zip(c.leaves, leaves)):

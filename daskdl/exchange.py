@@ -1,0 +1,271 @@
+"""Worker-to-worker exchange of parameter shards (``sync="sharded"``).
+
+Each worker serves four handlers, registered once by the first replica and
+dispatched by run to that run's :class:`Exchange` (the pattern of
+``distributed.shuffle``: worker handlers, ``worker.rpc(address)`` between workers,
+heavy work in a thread, a run id and the run secret on every message):
+
+====================  ===========================================================
+``daskdl_shard_put``  a contribution's piece for the shard this worker owns
+``daskdl_shard_get``  the shard (or this rank's reply) after the merges given
+``daskdl_shard_full`` every leaf of the global version this worker holds
+``daskdl_shard_held`` which global version this worker holds (freeze, end of fit)
+====================  ===========================================================
+
+A message with a wrong secret, another generation, or pieces not shaped like the
+shard is answered ``refused`` and changes nothing.  Merges, checks of large
+arrays and copies run in the exchange's thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import protocol
+from .errors import DaskDLError
+from .protocol import ProtocolError, Status, ok, refused
+from .shards import Owner, ShardMap, check_pieces, entries_field
+
+PUT = "daskdl_shard_put"
+GET = "daskdl_shard_get"
+FULL = "daskdl_shard_full"
+HELD = "daskdl_shard_held"
+HANDLERS = (PUT, GET, FULL, HELD)
+
+
+def install(worker) -> None:
+    """Register the shard handlers on ``worker`` (once; they find the run's replica)."""
+    for name in HANDLERS:
+        if name not in worker.handlers:
+            worker.handlers[name] = _dispatch(worker, name)
+
+
+def _dispatch(worker, name: str):
+    async def handle(**msg):
+        try:
+            run = protocol.run_id(msg)
+            replica = worker.plugins.get(f"daskdl-replica-{run}")
+            ex = getattr(replica, "exchange", None)
+            if ex is None:
+                raise ProtocolError(f"no training run {run!r} on worker {worker.address}")
+            if not protocol.same_secret(msg.get("secret"), replica._secret):
+                raise ProtocolError(f"wrong secret for training run {run!r}")
+            return await getattr(ex, name.rsplit("_", 1)[1])(**msg)
+        except (ProtocolError, DaskDLError) as e:
+            return refused(str(e))
+    handle.__name__ = name
+    return handle
+
+
+class Exchange:
+    """One replica's side of sharded synchronisation: the shard it owns in the
+    current generation, and the global parameters it last assembled."""
+
+    def __init__(self, worker, policy, decode=None):
+        self.worker = worker
+        self.policy = policy
+        self.decode = decode
+        self.owner: Owner | None = None
+        self.key = None  # (fit, generation) of the owner
+        self.map: ShardMap | None = None
+        self.members: tuple = ()
+        self.held = (-1, None, None)  # (version, leaves, (fit, generation))
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="daskdl-shards")
+        self._changed: asyncio.Event | None = None
+        self.stats = {"sent": 0, "received": 0, "served": 0}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._changed is not None:
+            self.worker.loop.add_callback(self._changed.set)
+
+    # -- the owner of a generation ----------------------------------------------------
+    def set_owner(self, key: tuple, members: tuple, shard_map: ShardMap, owner: Owner) -> None:
+        """This worker owns ``owner``'s shard from now on (called on the event loop)."""
+        self.key, self.members, self.map, self.owner = key, members, shard_map, owner
+        if self._changed is not None:
+            self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _owner(self, fit: int, gen: int, timeout: float) -> Owner:
+        """The owner of generation ``(fit, gen)``, waiting for this worker to reach it."""
+        deadline = time.monotonic() + timeout
+        while self.key != (fit, gen):
+            if self.key is not None and self.key > (fit, gen):
+                raise ProtocolError(f"generation {(fit, gen)} is over on this worker")
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DaskDLError(f"worker {self.worker.address} did not reach generation "
+                                  f"{gen} of fit {fit} within {timeout:g}s")
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+        return self.owner
+
+    async def _thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # -- handlers --------------------------------------------------------------------
+    async def put(self, **msg) -> dict:
+        fit, gen = protocol.int_field(msg, "fit"), protocol.int_field(msg, "gen")
+        rank, clock = protocol.int_field(msg, "rank", 0, 1_000_000), protocol.int_field(msg, "clock")
+        delta = protocol.bool_field(msg, "delta", False)
+        owner = await self._owner(fit, gen, protocol.float_field(msg, "timeout", 60.0, lo=0,
+                                                                 hi=1e6))
+        if protocol.int_field(msg, "shard", 0, 1_000_000) != owner.j:
+            raise ProtocolError(f"this worker owns shard {owner.j}, not {msg.get('shard')}")
+        limit = sum(s.nbytes for s in owner.specs)
+        pieces = protocol.load(msg.get("pieces"), limit=limit + 64 * 1024 + 64 * len(owner.specs),
+                               what=f"shard piece of rank {rank}")
+        await self._thread(self._check, owner, pieces, rank)
+        owner.put(rank, clock, pieces, delta)
+        self.stats["received"] += protocol.payload_nbytes(msg.get("pieces")) or \
+            _nbytes(pieces)
+        return ok()
+
+    def _check(self, owner: Owner, pieces, rank: int) -> None:
+        what = f"shard {owner.j} of the update of rank {rank}"
+        if self.decode is None:
+            check_pieces(pieces, owner.specs, what)
+            return
+        from .compression import Encoded, check_encoded
+
+        if not isinstance(pieces, (list, tuple)) or len(pieces) != len(owner.specs):
+            raise ProtocolError(f"{what} must be a list of {len(owner.specs)} pieces")
+        for i, (p, s) in enumerate(zip(pieces, owner.specs)):
+            if isinstance(p, Encoded):
+                try:
+                    check_encoded(p, s.shape, s.dtype)
+                except ValueError as e:
+                    raise ProtocolError(f"{what}: piece {i}: {e}") from None
+                if not np.isfinite(p.scales).all() if p.scales is not None else False:
+                    raise ProtocolError(f"{what}: piece {i} has non-finite scales")
+            else:
+                check_pieces([p], [s], f"{what}: piece {i}")
+
+    async def get(self, **msg) -> dict:
+        """The shard at (at least) ``version`` once the ``merges`` given are applied;
+        ``rank``'s own reply where the policy gave one (with the global shard too)."""
+        fit, gen = protocol.int_field(msg, "fit"), protocol.int_field(msg, "gen")
+        version = protocol.int_field(msg, "version", -1)
+        rank = protocol.opt_int_field(msg, "rank", 0, 1_000_000)
+        entries = entries_field(msg.get("merges"))
+        owner = await self._owner(fit, gen, protocol.float_field(msg, "timeout", 60.0, lo=0,
+                                                                 hi=1e6))
+        await self._thread(owner.catch_up, entries, version)
+        if protocol.bool_field(msg, "pinned", False):
+            got = owner.take_pinned(version)
+            if got is None and owner.version == version:  # cut after the merge was applied
+                got = owner.shard, owner.state, dict(owner.replies)
+            if got is None:
+                raise ProtocolError(f"shard {owner.j} has no pinned version {version}")
+            shard, state, replies = got
+            return ok(pieces=_ser(shard), version=version, state=_ser(state),
+                      replies=_ser(replies))
+        pieces, at = owner.get(rank)
+        self.stats["served"] += _nbytes(pieces)
+        out = ok(pieces=_ser(pieces), version=at)
+        if rank is not None and pieces is not owner.shard:
+            out["center"] = _ser(owner.shard)
+        return out
+
+    async def full(self, **msg) -> dict:
+        """Every leaf of the global version this worker holds (``version``: at least)."""
+        version = protocol.int_field(msg, "version", -1)
+        held, leaves, _ = self.held
+        if leaves is None or held < version:
+            raise ProtocolError(f"this worker holds version {held}, not {version}")
+        return ok(leaves=_ser(leaves), version=held)
+
+    async def held(self, **msg) -> dict:
+        version, _, key = self.held
+        return ok(version=version, key=list(key) if key else None)
+
+
+def _ser(x):
+    from distributed.protocol.serialize import to_serialize
+
+    return to_serialize(x)
+
+
+def _nbytes(pieces) -> int:
+    n = 0
+    for p in pieces or ():
+        if hasattr(p, "nbytes") and not callable(p.nbytes):
+            n += int(p.nbytes)
+        else:
+            from .compression import nbytes
+
+            n += nbytes(p)
+    return n
+
+
+__all__ = ["Exchange", "install", "HANDLERS", "PUT", "GET", "FULL", "HELD"]
+_ = Status
+
+
+async def _gather_from(rpc, members: dict, specs, version: int, what: str, **msg) -> list:
+    """``daskdl_shard_get`` from every owner (rank ``j`` owns shard ``j``)."""
+    from .shards import ShardMap
+
+    smap = ShardMap(specs, len(members))
+
+    async def one(j):
+        r = await getattr(rpc(members[j]), GET)(version=version, **msg)
+        if r.get("status") != Status.OK.value:
+            raise DaskDLError(f"{what}: the owner of shard {j} ({members[j]}) refused: "
+                              f"{r.get('reason')}")
+        return r
+
+    replies = await asyncio.gather(*(one(j) for j in range(len(members))))
+    return smap, replies
+
+
+async def fetch_global(rpc, run: str, secret: str, fit: int, gen: int, members: dict,
+                       version: int, merges: list, specs) -> list:
+    """The global parameters of a sharded run at ``version``, gathered from the shard
+    owners ``members`` (``{rank: address}``) by ``rpc`` (a Dask connection pool: the
+    client's, or the scheduler's)."""
+    smap, replies = await _gather_from(rpc, members, specs, version, "fetching the params",
+                                       run=run, secret=secret, fit=fit, gen=gen, rank=None,
+                                       merges=merges)
+    shards = []
+    for j, r in enumerate(replies):
+        pieces = protocol.load(r["pieces"], limit=smap.nbytes(j) + 64 * 1024 * len(specs))
+        check_pieces(pieces, smap.piece_specs(j), f"shard {j}", finite=False)
+        shards.append(pieces)
+    return smap.assemble(shards)
+
+
+async def fetch_pinned(rpc, run: str, secret: str, fit: int, gen: int, members: dict,
+                       version: int, specs, policy) -> tuple:
+    """What a checkpoint of a sharded run at ``version`` holds: ``(params,
+    policy_state leaves, {rank: own params})``, from the shards the owners kept."""
+    from .shards import join_states
+
+    smap, replies = await _gather_from(rpc, members, specs, version, "checkpoint",
+                                       run=run, secret=secret, fit=fit, gen=gen, rank=None,
+                                       merges=[], pinned=True)
+    shards, states, replies_by_owner = [], [], []
+    for j, r in enumerate(replies):
+        pieces = protocol.load(r["pieces"])
+        check_pieces(pieces, smap.piece_specs(j), f"shard {j}", finite=False)
+        shards.append(pieces)
+        states.append(protocol.load(r["state"]))
+        replies_by_owner.append(protocol.load(r["replies"]) or {})
+    import jax
+
+    state = join_states(states, specs)
+    local = {}
+    ranks = set().union(*[set(x) for x in replies_by_owner]) if replies_by_owner else set()
+    for rank in sorted(ranks):
+        if all(rank in x for x in replies_by_owner):
+            local[rank] = smap.assemble([x[rank] for x in replies_by_owner])
+    return smap.assemble(shards), jax.tree_util.tree_leaves(state), local
