@@ -5,9 +5,10 @@ synchronisation).  Deltas tolerate a lot of rounding, so they can travel in far
 fewer bytes than the float32 parameters themselves:
 
 ``"bf16"``
-    Round each value to the nearest bfloat16 (ties to even): 8 bits of
-    mantissa, the same exponent range as float32.  Half the bytes of float32,
-    relative error at most ``2**-8`` (``2**-9`` for normal numbers).
+    Round each value to the nearest bfloat16 (ties to even): 8 significant
+    bits, the same exponent range as float32.  Half the bytes of float32;
+    relative error at most ``2**-8`` (below ``1.2e-38``, where bfloat16 is
+    subnormal, absolute error at most ``2**-134`` instead).
 
 ``"int8"``
     Cut the flattened array into blocks of :data:`BLOCK` values; each block
@@ -210,54 +211,77 @@ def encode(x: np.ndarray, kind: str) -> Encoded:
             f"only float arrays (float16, bfloat16, float32, float64) can be compressed, "
             f"got dtype {x.dtype}; send integer and other arrays uncompressed"
             + (" (or convert to a native float dtype first)" if x.dtype.kind == "f" else ""))
+    return _encode(x, kind, dt)
+
+
+def _encode(x: np.ndarray, kind: str, dt: np.dtype, resid: np.ndarray | None = None,
+            add: bool = False) -> Encoded:
+    """Encode ``x`` as an array of dtype ``dt``.
+
+    With ``resid`` (1-d, the compute dtype, one value per element of ``x``): when
+    ``add``, encode ``x + resid`` instead of ``x``; in any case overwrite
+    ``resid`` with what the encoding lost, ``(x [+ resid]) - decode(result)``.
+    Works through the array a chunk of ``_ROWS`` blocks at a time so that the
+    temporaries stay in cache."""
     shape = tuple(int(s) for s in x.shape)
-    if kind == "bf16":
-        return Encoded("bf16", shape, dt.name, _bf16_bits(x), None)
-    data, scales = _int8_encode(x.reshape(-1), _compute_dtype(dt))
-    return Encoded("int8", shape, dt.name, data, scales)
-
-
-def _bf16_bits(x: np.ndarray) -> np.ndarray:
-    """bfloat16 bits (uint16, 1-d, a new array) of x, rounded to nearest even.
-
-    ml_dtypes rounds each source dtype directly (float64 is not rounded twice
-    via float32) and keeps NaN as NaN."""
     flat = x.reshape(-1)
-    if flat.dtype == _BF16:
-        return flat.view(_U16).copy()
-    return flat.astype(_BF16).view(_U16)
-
-
-def _int8_encode(flat: np.ndarray, cdt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (int8, like ``flat``) and float32 block scales of a 1-d array."""
+    if kind == "bf16" and resid is None:  # plain bf16: one cast does it
+        bits = flat.view(_U16).copy() if flat.dtype == _BF16 else flat.astype(_BF16).view(_U16)
+        return Encoded("bf16", shape, dt.name, bits, None)
     n = flat.size
-    nfull = n // BLOCK
-    codes = np.empty(n, _I8)
-    scales = np.empty(_nblocks(n), _F32)
-    # full blocks: views of flat and codes, worked on _ROWS blocks at a time
-    full = flat[: nfull * BLOCK].reshape(nfull, BLOCK)
-    cfull = codes[: nfull * BLOCK].reshape(nfull, BLOCK)
-    sfull = scales[:nfull]
-    tmp = np.empty((min(_ROWS, max(nfull, 1)), BLOCK), cdt)
-    for i in range(0, nfull, _ROWS):
-        _quantise(full[i:i + _ROWS], sfull[i:i + _ROWS], cfull[i:i + _ROWS], tmp, i)
-    if nfull * BLOCK < n:  # the tail, padded with zeros (they change no maximum)
-        tail = np.zeros((1, BLOCK), cdt)
-        tail[0, : n - nfull * BLOCK] = flat[nfull * BLOCK:]
-        ctail = np.empty((1, BLOCK), _I8)
-        _quantise(tail, scales[nfull:], ctail, tmp, nfull)
-        codes[nfull * BLOCK:] = ctail[0, : n - nfull * BLOCK]
-    return codes, scales
+    cdt = _compute_dtype(dt)
+    chunk = min(_ROWS * BLOCK, _nblocks(n) * BLOCK)
+    a = np.empty(chunk, cdt)  # the values to encode
+    b = np.empty(chunk, cdt)  # quotients, then the decoded values
+    if kind == "bf16":
+        data = np.empty(n, _U16)
+        scales = None
+    else:
+        data = np.empty(n, _I8)
+        scales = np.empty(_nblocks(n), _F32)
+    for start in range(0, n, chunk or 1):
+        stop = min(start + chunk, n)
+        m = stop - start
+        if not add and flat.dtype == cdt and (kind == "bf16" or m % BLOCK == 0):
+            ya = flat[start:stop]  # read in place
+        else:
+            ya = a[:m] if kind == "bf16" else a[: _nblocks(m) * BLOCK]
+            ya[:m] = flat[start:stop]
+            ya[m:] = 0  # pads the last block (zeros change no maximum)
+            if add:
+                ya[:m] += resid[start:stop]
+        yb = b[: ya.size]
+        if kind == "bf16":
+            out = data[start:stop].view(_BF16)
+            out[...] = ya  # rounds to nearest even
+            if resid is not None:
+                yb[...] = out if dt in (_BF16, cdt) else out.astype(dt)
+        else:
+            _quantise(ya.reshape(-1, BLOCK), yb.reshape(-1, BLOCK),
+                      scales[start // BLOCK: start // BLOCK + _nblocks(m)], start // BLOCK)
+            data[start:stop] = yb[:m]
+            if resid is not None:  # decode exactly as decode() does
+                yb = yb.reshape(-1, BLOCK)
+                np.multiply(yb, scales[start // BLOCK: start // BLOCK + len(yb), None],
+                            out=yb, dtype=cdt)
+                yb = yb.reshape(-1)
+                if dt != cdt:
+                    yb[:m] = yb[:m].astype(dt)
+        if resid is not None:
+            r = resid[start:stop]
+            with np.errstate(invalid="ignore", over="ignore"):  # bf16: inf - inf
+                np.subtract(ya[:m], yb[:m], out=r)
+            if kind == "bf16" and not (np.isfinite(r.max()) and np.isfinite(r.min())):
+                r[~np.isfinite(r)] = 0  # NaN/overflow is sent on, but not carried forever
+    return Encoded(kind, shape, dt.name, data, scales)
 
 
-def _quantise(xb: np.ndarray, s_out: np.ndarray, c_out: np.ndarray, tmp: np.ndarray,
-              first: int) -> None:
-    """int8-quantise the rows (blocks) of ``xb`` into ``s_out`` and ``c_out``."""
-    cdt = tmp.dtype
-    if xb.dtype != cdt:
-        xb = xb.astype(cdt)
+def _quantise(y: np.ndarray, q: np.ndarray, s_out: np.ndarray, first: int) -> None:
+    """int8-quantise the rows (blocks) of ``y``: scales into ``s_out``, the
+    (integral, float) codes into ``q``."""
+    cdt = y.dtype
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        m = np.maximum(xb.max(axis=1), -xb.min(axis=1))  # max |x|; NaN stays NaN
+        m = np.maximum(y.max(axis=1), -y.min(axis=1))  # max |y|; NaN stays NaN
         s = m / 127
         s32 = s.astype(_F32)
     if not np.isfinite(s32).all():
@@ -268,7 +292,7 @@ def _quantise(xb: np.ndarray, s_out: np.ndarray, c_out: np.ndarray, tmp: np.ndar
             + (" or values beyond the float32 range" if cdt == _F64 else "")
             + '. Non-finite deltas usually mean training diverged; otherwise send this '
               'array uncompressed or use compression="bf16".')
-    # never let the stored scale be smaller than max|x|/127, so that every code
+    # never let the stored scale be smaller than max|y|/127, so that every code
     # fits in [-127, 127] and the error stays <= scale/2 (float64 rounding down
     # to float32, tiny maxima underflowing to 0)
     low = (s32 < s) | ((s32 == 0) & (m > 0))
@@ -277,11 +301,9 @@ def _quantise(xb: np.ndarray, s_out: np.ndarray, c_out: np.ndarray, tmp: np.ndar
     s_out[...] = s32
     div = s32.astype(cdt)
     div[div == 0] = 1  # all-zero blocks: codes 0
-    t = tmp[: len(xb)]
-    np.divide(xb, div[:, None], out=t)
-    np.rint(t, out=t)
-    np.clip(t, -127, 127, out=t)
-    c_out[...] = t
+    np.divide(y, div[:, None], out=q)
+    np.rint(q, out=q)
+    np.clip(q, -127, 127, out=q)
 
 
 def decode(enc: Encoded) -> np.ndarray:
@@ -477,8 +499,10 @@ class ErrorFeedback:
     -----
     A residual is reset when the piece at its position changes shape or
     dtype, or stops being a float array.  Residuals are kept in float32
-    (float64 for float64 pieces).  If a call raises (int8 and a non-finite
-    piece), the residuals and counters stay as they were before that call.
+    (float64 for float64 pieces), one buffer per position, updated in place.
+    If a call raises (int8 and a non-finite piece), the counters stay as they
+    were and all residuals are forgotten (they may be partly updated), which
+    loses at most one step's rounding error.
 
     Examples
     --------
@@ -533,46 +557,33 @@ class ErrorFeedback:
         out: list = []
         new: dict[int, np.ndarray] = {}
         raw = sent = 0
-        for i, piece in enumerate(pieces):
-            x = np.asarray(piece)
-            raw += x.nbytes
-            dt = _float_dtype(x.dtype) if self.kind is not None else None
-            if dt is None:
-                out.append(piece)
-                sent += x.nbytes
-                continue
-            if not self.feedback:
-                enc = encode(x, self.kind)
-            else:
-                cdt = _compute_dtype(dt)
-                r = self._residuals.get(i)
-                if r is not None and (r.shape != x.shape or r.dtype != cdt):
-                    r = None
-                y = x.astype(cdt, copy=False) if r is None else np.add(x, r, dtype=cdt)
-                enc = _encode_as(y, self.kind, dt)
-                dec = decode(enc)
-                with np.errstate(invalid="ignore", over="ignore"):  # bf16: inf - inf
-                    if y is x:  # don't write into the caller's array
-                        r = np.subtract(y, dec, dtype=cdt)
-                    else:
-                        r = np.subtract(y, dec, out=y, dtype=cdt)
-                if (self.kind == "bf16" and r.size
-                        and not (np.isfinite(r.max()) and np.isfinite(r.min()))):
-                    r[~np.isfinite(r)] = 0  # bf16 NaN/overflow: don't carry it forever
-                new[i] = r
-            out.append(enc)
-            sent += nbytes(enc)
+        try:
+            for i, piece in enumerate(pieces):
+                x = np.asarray(piece)
+                raw += x.nbytes
+                dt = _float_dtype(x.dtype) if self.kind is not None else None
+                if dt is None:
+                    out.append(piece)
+                    sent += x.nbytes
+                    continue
+                if self.feedback:
+                    # the residual is updated in place: no new buffer each step
+                    cdt = _compute_dtype(dt)
+                    r = self._residuals.get(i)
+                    add = r is not None and r.shape == x.shape and r.dtype == cdt
+                    if not add:
+                        r = np.empty(x.shape, cdt)
+                    enc = _encode(x, self.kind, dt, r.reshape(-1), add)
+                    new[i] = r
+                else:
+                    enc = _encode(x, self.kind, dt)
+                out.append(enc)
+                sent += nbytes(enc)
+        except BaseException:
+            self._residuals = {}  # partly updated: forget them (a step's rounding at most)
+            raise
         if self.feedback:
             self._residuals = new
         self.raw_bytes += raw
         self.sent_bytes += sent
         return out
-
-
-def _encode_as(y: np.ndarray, kind: str, dt: np.dtype) -> Encoded:
-    """Encode ``y`` (float32/float64 working copy) as an array of dtype ``dt``."""
-    if dt == y.dtype or kind == "int8":  # int8 codes don't depend on the dtype name
-        e = encode(y, kind)
-        return e._replace(dtype=dt.name)
-    # bf16 of a 16-bit piece: round the float32 working value straight to bfloat16
-    return Encoded("bf16", tuple(int(s) for s in y.shape), dt.name, _bf16_bits(y), None)

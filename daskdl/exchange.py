@@ -35,6 +35,7 @@ GET = "daskdl_shard_get"
 FULL = "daskdl_shard_full"
 HELD = "daskdl_shard_held"
 HANDLERS = (PUT, GET, FULL, HELD)
+_METHODS = {PUT: "put", GET: "get", FULL: "full", HELD: "held_version"}
 
 
 def install(worker) -> None:
@@ -54,7 +55,7 @@ def _dispatch(worker, name: str):
                 raise ProtocolError(f"no training run {run!r} on worker {worker.address}")
             if not protocol.same_secret(msg.get("secret"), replica._secret):
                 raise ProtocolError(f"wrong secret for training run {run!r}")
-            return await getattr(ex, name.rsplit("_", 1)[1])(**msg)
+            return await getattr(ex, _METHODS[name])(**msg)
         except (ProtocolError, DaskDLError) as e:
             return refused(str(e))
     handle.__name__ = name
@@ -184,7 +185,7 @@ class Exchange:
             raise ProtocolError(f"this worker holds version {held}, not {version}")
         return ok(leaves=_ser(leaves), version=held)
 
-    async def held(self, **msg) -> dict:
+    async def held_version(self, **msg) -> dict:
         version, _, key = self.held
         return ok(version=version, key=list(key) if key else None)
 

@@ -201,6 +201,7 @@ class FitLoop:
         self.epoch_rounds: dict = collections.defaultdict(list)
         self.closed_labels: set = set()
         self.reported: set = set()  # (generation, rank, clock) of rounds whose metrics came
+        self.covered: dict = {}  # (generation, rank, clock) -> segments counted as trained
         self.meta_sent: set = set()
         self.regroups = self.samples_seen = 0
         self.wake = threading.Event()  # set when a round's future is done
@@ -480,6 +481,7 @@ class FitLoop:
                 self.result.rejected_rounds.append(r)
             else:
                 self._cover(info["segments"][r["clock"]])
+                self.covered[(info["gen"], r["rank"], r["clock"])] = info["segments"][r["clock"]]
                 self.epoch_rounds[r["epoch"]].append(r)
             self.samples_seen += r["samples"]
             for cb in self.callbacks:
@@ -512,10 +514,10 @@ class FitLoop:
                         pass
             return got
 
-    def _cover(self, segments) -> None:
+    def _cover(self, segments, sign: int = 1) -> None:
         for s in segments:
             cov = self.result.coverage.setdefault(s.epoch, collections.Counter())
-            cov[s.chunk] += len(s)
+            cov[s.chunk] += sign * len(s)
 
     def close_epochs(self) -> None:
         """Emit the record of every epoch with no rounds left to run (in order)."""
@@ -555,6 +557,12 @@ class FitLoop:
         self.c.cancel([i["future"] for i in self.pending.values()])
         self.pending.clear()
         self.report()
+        # sharded: merges no worker left holds were rolled back; their rounds are re-planned
+        for (gen, rank, clock), segs in list(self.covered.items()):
+            if gen == self.gen and clock >= done.get(rank, clock + 1):
+                self._cover(segs, -1)
+                del self.covered[(gen, rank, clock)]
+        self.covered = {k: v for k, v in self.covered.items() if k[0] == self.gen}
         # rounds merged whose results are gone (their worker left, or the future was
         # cancelled just now) count as trained
         for rank, en, k in schedule.merged_rounds(self.entries, done):

@@ -45,7 +45,7 @@ from distributed.protocol.serialize import to_serialize
 from distributed.utils import sync
 
 from . import protocol
-from .errors import RoundDiscarded, SyncAborted, TrainingDiverged
+from .errors import DaskDLError, RoundDiscarded, SyncAborted, TrainingDiverged
 from .plan import chunk_permutation, round_permutation
 from .protocol import RoundSpec, Status, SyncReply, SyncRequest
 from .sources import ChunkReader
@@ -418,8 +418,7 @@ class Replica(WorkerPlugin):
         ex = self.exchange
         smap, members = ex.map, spec.members
         t0 = time.perf_counter()
-        finite = all(np.isfinite(x).all() for x in leaves
-                     if np.issubdtype(x.dtype, np.inexact))
+        finite = all(np.isfinite(x).all() for x in leaves if _inexact(x.dtype))
         delta = spec.sends == "delta" or spec.compression is not None
         sent = 0
         if finite:
@@ -427,11 +426,16 @@ class Replica(WorkerPlugin):
             if spec.compression is not None:
                 parts = [self._compressor(j, len(members), spec.compression).compress(p)
                          for j, p in enumerate(parts)]
-            sent = self._scatter(spec, parts, delta)
+            try:
+                sent = self._scatter(spec, parts, delta)
+            except OSError as e:  # an owner left: the generation will change
+                logger.info("daskdl: %s on %s: sending the update failed: %s", spec.where,
+                            self.worker.address, e)
+                return SyncReply(Status.REPLAN, self.version)
         divergence = None
         if finite and delta:
             divergence = float(np.sqrt(sum(float(np.vdot(x, x)) for x in leaves
-                                           if np.issubdtype(x.dtype, np.inexact))))
+                                           if _inexact(x.dtype))))
         t_put = time.perf_counter()
         opt_state = None
         if spec.checkpoint:
@@ -626,6 +630,11 @@ def quiet_round_failures() -> None:
     log = logging.getLogger("distributed.worker")
     if _QUIET not in log.filters:
         log.addFilter(_QUIET)
+
+
+def _inexact(dtype) -> bool:
+    """Floating point, bfloat16 included (numpy's issubdtype says no to it)."""
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
 def _entry(m):

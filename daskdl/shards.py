@@ -122,8 +122,15 @@ def check_pieces(pieces, specs: Sequence[Spec], what: str, finite: bool = True) 
             got = f"{p.dtype}{list(p.shape)}" if isinstance(p, np.ndarray) else type(p).__name__
             raise ProtocolError(f"{what}: piece {i} is {got}, expected "
                                 f"{s.dtype}{list(s.shape)}")
-        if finite and np.issubdtype(p.dtype, np.inexact) and not np.isfinite(p).all():
+        if finite and _floating(p.dtype) and not np.isfinite(p).all():
             raise ProtocolError(f"{what}: piece {i} holds NaN or infinite values")
+
+
+def _floating(dtype) -> bool:
+    """Floating point, bfloat16 included (numpy's issubdtype says no to it)."""
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
 class MergeEntry(NamedTuple):
@@ -264,7 +271,7 @@ class Owner:
                     if self.decode is not None:
                         pieces = self.decode(pieces)
                     if delta and self.policy.sends == "params":
-                        pieces = [b + d if np.issubdtype(b.dtype, np.floating) else d
+                        pieces = [b + d if _floating(b.dtype) else d
                                   for b, d in zip(self.base(rank), pieces)]
                     contributions.append(Contribution(rank, pieces, samples, version, loss))
                 merged = Merged(*self.policy.merge(self.state, self.shard, contributions,

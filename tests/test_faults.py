@@ -129,9 +129,12 @@ def _workers_without_nanny(address: str, n: int) -> list:
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("policy", ["BSP", "Async"])
-def test_killed_worker_without_nanny_stays_dead_and_the_other_finishes(policy, digits,
+@pytest.mark.parametrize("policy,sync", [("BSP", "scheduler"), ("Async", "scheduler"),
+                                         ("BSP", "sharded"), ("Async", "sharded")])
+def test_killed_worker_without_nanny_stays_dead_and_the_other_finishes(policy, sync, digits,
                                                                         no_fault_accuracy):
+    """Sharded too: the lost owner's shard is rebuilt from the version the survivor
+    holds, and training goes on alone."""
     train, test = _split(digits)
     cluster = LocalCluster(n_workers=0, dashboard_address=":0")
     procs = _workers_without_nanny(cluster.scheduler_address, 2)
@@ -141,11 +144,12 @@ def test_killed_worker_without_nanny_stays_dead_and_the_other_finishes(policy, d
             pids = client.run(os.getpid)
             rounds: list = []
             cb, state = _kill_when(rounds, 16, pids.__getitem__, client)
-            with _trainer(client, policy, sync_timeout=60) as tr:
+            with _trainer(client, policy, sync_timeout=60, sync=sync) as tr:
                 hist = tr.fit(train, epochs=EPOCHS, verbose=False, callbacks=[cb])
                 acc = tr.evaluate(test, accuracy)["accuracy"]
                 info = tr.info()
             assert len(hist) == EPOCHS and info["aborted"] is None
+            assert tr.sync == sync
             assert list(info["members"].values()) == sorted(client.scheduler_info()["workers"])
             assert len(info["members"]) == 1  # trained on alone
             late = [r for r in rounds if r["clock"] > max(x["clock"] for x in rounds) - 10]
