@@ -166,7 +166,8 @@ class Exchange:
             if got is None and owner.version == version:  # cut after the merge was applied
                 got = owner.shard, owner.state, dict(owner.replies)
             if got is None:
-                raise ProtocolError(f"shard {owner.j} has no pinned version {version}")
+                raise ProtocolError(f"shard {owner.j} has no pinned version {version} (it is at "
+                                    f"version {owner.version}, pinned {sorted(owner.pinned)})")
             shard, state, replies = got
             return ok(pieces=_ser(shard), version=version, state=_ser(state),
                       replies=_ser(replies))
@@ -246,14 +247,14 @@ async def fetch_global(rpc, run: str, secret: str, fit: int, gen: int, members: 
 
 
 async def fetch_pinned(rpc, run: str, secret: str, fit: int, gen: int, members: dict,
-                       version: int, specs, policy) -> tuple:
+                       version: int, specs, merges: list) -> tuple:
     """What a checkpoint of a sharded run at ``version`` holds: ``(params,
     policy_state leaves, {rank: own params})``, from the shards the owners kept."""
     from .shards import join_states
 
     smap, replies = await _gather_from(rpc, members, specs, version, "checkpoint",
                                        run=run, secret=secret, fit=fit, gen=gen, rank=None,
-                                       merges=[], pinned=True)
+                                       merges=merges, pinned=True)
     shards, states, replies_by_owner = [], [], []
     for j, r in enumerate(replies):
         pieces = protocol.load(r["pieces"])

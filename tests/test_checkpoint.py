@@ -78,18 +78,23 @@ def test_writer_keeps_the_newest_and_reports_errors(tmp_path):
     assert len(errors) == 1 and "failed" in errors[0]
 
 
-@pytest.mark.parametrize("policy", [ddl.DiLoCo(every=4), ddl.EASGD(every=4, alpha=0.3)])
-def test_resume_restores_policy_and_optimizer_state_exactly(policy, client2, digits, tmp_path):
+@pytest.mark.parametrize("policy,sync", [(ddl.DiLoCo(every=4), "scheduler"),
+                                         (ddl.EASGD(every=4, alpha=0.3), "scheduler"),
+                                         (ddl.DiLoCo(every=4), "sharded"),
+                                         (ddl.EASGD(every=4, alpha=0.3), "sharded")])
+def test_resume_restores_policy_and_optimizer_state_exactly(policy, sync, client2, digits,
+                                                            tmp_path):
     """Two epochs in one go == one epoch, then a new trainer resuming for the second:
     the outer optimizer (DiLoCo) or each worker's own parameters (EASGD) and every
-    worker's Adam state come back from the checkpoint."""
+    worker's Adam state come back from the checkpoint.  Sharded, the checkpoint is
+    gathered from the shard owners (the outer optimizer's state too)."""
     x, y = digits
     ds = ddl.Dataset.from_arrays(x=x, y=y)
 
     def trainer(ckpt=None):
         return ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
                            policy=policy, batch_size=32, client=client2, seed=5,
-                           checkpoint=ckpt)
+                           checkpoint=ckpt, sync=sync)
 
     with trainer() as tr:
         tr.fit(ds, epochs=2, verbose=False)

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import threading
 import time
 
 import jax
@@ -494,11 +495,12 @@ class TrainingPlugin(SchedulerPlugin):
         m = st.membership
         loop = asyncio.get_running_loop()
         version, members, state = st.version, dict(m.members), list(st.state)
-        pinned = {"done": False}
+        pinned = {"done": False, "merges": [], "ready": threading.Event()}
 
         def fetch():
+            pinned["ready"].wait(60)
             coro = fetch_pinned(self.scheduler.rpc, st.run, st.secret, st.fit, m.gen,
-                                members, version, st.specs, st.policy)
+                                members, version, st.specs, pinned["merges"])
             params, pol, local = asyncio.run_coroutine_threadsafe(coro, loop).result(
                 timeout=10 * st.timeout)
             return params + state, pol, local
@@ -512,6 +514,8 @@ class TrainingPlugin(SchedulerPlugin):
             if not pinned["done"] and st.log and st.log[-1].version == version:
                 st.log[-1] = st.log[-1]._replace(pin=True)
                 pinned["done"] = True
+        pinned["merges"] = st.merges_msg()  # with the pin: owners that lag apply it
+        pinned["ready"].set()
 
     # -- handlers: rounds ----------------------------------------------------------------------
     @handler
