@@ -29,8 +29,13 @@ name                                        type     meaning
 ``daskdl_worker_samples_total``             counter  samples the worker trained on
 ``daskdl_worker_compute_seconds_total``     counter  time computing rounds
 ``daskdl_worker_wait_seconds_total``        counter  time waiting in barriers
-``daskdl_worker_sent_bytes_total``          counter  bytes sent to the scheduler
+``daskdl_worker_sent_bytes_total``          counter  bytes sent to the scheduler (sharded:
+                                                     to the shard owners)
 ``daskdl_worker_received_bytes_total``      counter  bytes received from the scheduler
+                                                     (sharded: from the shard owners)
+``daskdl_worker_transfer_seconds_total``    counter  sharded: sending and gathering shards
+``daskdl_worker_shard_merge_seconds_total`` counter  sharded: the worker's shard owner merging
+``daskdl_worker_compression_ratio``         gauge    sharded: uncompressed / sent bytes
 ``daskdl_worker_loss``                      gauge    the worker's loss in its last round
 ``daskdl_worker_divergence``                gauge    ``||theta_i - theta_global||`` at its
                                                      last sync
@@ -76,8 +81,11 @@ worker_rounds              counter rounds        Rounds the worker synchronised
 worker_samples             counter samples       Samples the worker trained on
 worker_compute_seconds     counter compute_s     Seconds the worker spent computing rounds
 worker_wait_seconds        counter wait_s        Seconds the worker waited in barriers
-worker_sent_bytes          counter bytes_in      Bytes of parameters sent to the scheduler
-worker_received_bytes      counter bytes_out     Bytes of parameters received from the scheduler
+worker_sent_bytes          counter bytes_in      Bytes of parameters sent to the scheduler (sharded sync: to the shard owners)
+worker_received_bytes      counter bytes_out     Bytes of parameters received from the scheduler (sharded sync: from the shard owners)
+worker_transfer_seconds    counter transfer_s    Sharded sync: seconds sending updates to and gathering shards from their owners
+worker_shard_merge_seconds counter shard_merge_s Sharded sync: seconds the worker's shard owner spent merging
+worker_compression_ratio   gauge   compression   Sharded sync: uncompressed bytes over bytes sent
 worker_loss                gauge   loss          Training loss of the worker's last round
 worker_divergence          gauge   divergence    Norm of the difference between the worker's and the global parameters at its last sync
 """)

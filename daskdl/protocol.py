@@ -285,7 +285,10 @@ class SyncRequest:
     finite: bool = True  # the update was finite (a sharded update is checked at its worker)
     divergence: float | None = None  # norm of the update (params: of its change)
     sent: int = 0  # bytes sent to shard owners
-    transfer: float = 0.0  # seconds spent sending them
+    transfer: float = 0.0  # seconds spent sending them (and gathering, the round before)
+    raw: int = 0  # bytes those would have been uncompressed
+    received: int = 0  # bytes gathered from shard owners in the round before
+    merge: float = 0.0  # seconds this worker's shard owner spent merging since its last sync
 
     @classmethod
     def from_msg(cls, msg: Mapping) -> "SyncRequest":
@@ -300,7 +303,10 @@ class SyncRequest:
                    finite=bool_field(msg, "finite", True),
                    divergence=float_field(msg, "divergence", None, allow_none=True, lo=0.0),
                    sent=int_field(msg, "sent", 0, 2**50, default=0),
-                   transfer=float_field(msg, "transfer", 0.0, lo=0.0, hi=1e9))
+                   transfer=float_field(msg, "transfer", 0.0, lo=0.0, hi=1e9),
+                   raw=int_field(msg, "raw", 0, 2**50, default=0),
+                   received=int_field(msg, "received", 0, 2**50, default=0),
+                   merge=float_field(msg, "merge", 0.0, lo=0.0, hi=1e9))
 
     def to_msg(self, secret: str) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -146,10 +146,11 @@ class Replica(WorkerPlugin):
 
     def __init__(self, run: str, secret: str, loss_fn, optimizer, template, seed: int,
                  state_template=None, shard_params: bool = False, policy=None,
-                 sharded: bool = False):
+                 sharded: bool = False, error_feedback: bool = True):
         self.run = run
         self.policy = policy  # sync="sharded": this worker merges the shard it owns
         self.sharded = sharded
+        self.error_feedback = error_feedback  # compressed updates: keep what rounding lost
         self.name = replica_name(run)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -278,7 +279,9 @@ class Replica(WorkerPlugin):
         return reply
 
     def _set_params(self, leaves, version: int, fresh: bool = False) -> None:
-        params = self.template.trainable([jnp.array(leaf) for leaf in leaves])
+        # copied to the device now, so that the copy counts in sync, not in the next compute
+        params = jax.block_until_ready(self.template.trainable([jnp.array(leaf)
+                                                                for leaf in leaves]))
         if self.state is None or fresh:
             self.state = init_state(params, self.optimizer)
         else:
@@ -420,9 +423,10 @@ class Replica(WorkerPlugin):
         t0 = time.perf_counter()
         finite = all(np.isfinite(x).all() for x in leaves if _inexact(x.dtype))
         delta = spec.sends == "delta" or spec.compression is not None
-        sent = 0
+        sent = raw = 0
         if finite:
             parts = [smap.pieces(leaves, j) for j in range(len(members))]
+            raw = sum(p.nbytes for j, ps in enumerate(parts) if j != spec.rank for p in ps)
             if spec.compression is not None:
                 parts = [self._compressor(j, len(members), spec.compression).compress(p)
                          for j, p in enumerate(parts)]
@@ -443,11 +447,16 @@ class Replica(WorkerPlugin):
         model_state = None
         if self.state_template is not None:
             model_state = to_serialize(flatten(state.state)[0])
+        last = self.timings
+        merge_s = ex.owner.merge_s
         req = SyncRequest(run=self.run, rank=spec.rank, clock=spec.clock, gen=spec.gen,
                           samples=samples, version=self.version, params=None, loss=loss,
                           compute=compute_s, opt_state=opt_state, state=model_state,
                           steps=samples // spec.batch_size, finite=finite,
-                          divergence=divergence, sent=sent, transfer=t_put - t0)
+                          divergence=divergence, sent=sent,
+                          transfer=t_put - t0 + last.get("gather_s", 0.0), raw=raw,
+                          received=last.get("bytes_received", 0),
+                          merge=max(merge_s - last.get("owner_merge_s", merge_s), 0.0))
         with context_meter.meter("daskdl-sync"):
             reply = SyncReply.from_msg(self._call(protocol.SYNC, **req.to_msg(self._secret)))
         if reply.status not in (Status.OK, Status.REJECTED):
@@ -455,14 +464,18 @@ class Replica(WorkerPlugin):
         t_gather = time.perf_counter()
         try:
             rank = None if reply.status is Status.REJECTED else spec.rank
-            params, center, at = self._gather(spec, reply.version, list(reply.merges), rank)
+            params, center, at, received = self._gather(spec, reply.version,
+                                                        list(reply.merges), rank)
         except (OSError, DaskDLError) as e:  # an owner left: the generation will change
             logger.info("daskdl: %s on %s: gathering the shards failed: %s", spec.where,
                         self.worker.address, e)
             return SyncReply(Status.REPLAN, reply.version)
         ex.held = (at, center if center is not None else params, (spec.fit, spec.gen))
-        self.timings = {"transfer_s": (t_put - t0) + (time.perf_counter() - t_gather),
-                        "bytes_sent": sent}
+        t_end = time.perf_counter()
+        self.timings = {"transfer_s": (t_put - t0) + (t_end - t_gather),
+                        "gather_s": t_end - t_gather, "merge_s": ex.owner.merge_s - merge_s,
+                        "owner_merge_s": ex.owner.merge_s, "bytes_sent": sent,
+                        "bytes_received": received, "compression": raw / sent if sent else 1.0}
         return SyncReply(reply.status, at, params=params, waited=reply.waited,
                          reason=reply.reason, state=reply.state, steps=reply.steps)
 
@@ -471,7 +484,7 @@ class Replica(WorkerPlugin):
 
         key = (n, j, kind)
         if key not in self.feedback:
-            self.feedback[key] = ErrorFeedback(kind)
+            self.feedback[key] = ErrorFeedback(kind, feedback=self.error_feedback)
         return self.feedback[key]
 
     def _scatter(self, spec: RoundSpec, parts: list, delta: bool) -> int:
@@ -529,13 +542,17 @@ class Replica(WorkerPlugin):
             return await asyncio.gather(*(get(j) for j in range(len(members))))
 
         got = sync(self.worker.loop, gather)
+        received = 0
         for j, (pieces, center, _) in enumerate(got):
             check_pieces(pieces, smap.piece_specs(j), f"shard {j}", finite=False)
+            if j != spec.rank:
+                received += sum(p.nbytes for p in pieces) + sum(
+                    p.nbytes for p in (center or ()))
         params = smap.assemble([g[0] for g in got])
         center = None
         if any(g[1] is not None for g in got):
             center = smap.assemble([g[1] if g[1] is not None else g[0] for g in got])
-        return params, center, min(g[2] for g in got)
+        return params, center, min(g[2] for g in got), received
 
     def apply(self, spec: RoundSpec, reply: SyncReply, before) -> None:
         """Continue from what the reply says, or discard the round."""
@@ -573,7 +590,8 @@ class Replica(WorkerPlugin):
             "version": reply.version, "compiles": self.compiles,
             "started": times["started"], "finished": time.time(),
             "rejected": reply.reason if reply.status is Status.REJECTED else None,
-            **(self.timings if spec.sharded else {}),
+            **({k: v for k, v in self.timings.items() if k not in ("gather_s", "owner_merge_s")}
+               if spec.sharded else {}),
         }
 
 

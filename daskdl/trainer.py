@@ -321,7 +321,9 @@ class Trainer:
         c.register_plugin(Replica(self.run, self._secret, self.loss_fn, self.optimizer,
                                   self._template, self.seed, self._state_template,
                                   self.shard_params, policy=self.policy,
-                                  sharded=self.sync == "sharded"), name=replica_name(self.run))
+                                  sharded=self.sync == "sharded",
+                                  error_feedback=bool(config.get("error-feedback"))),
+                          name=replica_name(self.run))
 
     def _batch_spec(self, dataset: Dataset, rows: int) -> dict:
         return {n: jax.ShapeDtypeStruct((rows,) + dataset[n].shape[1:], dataset[n].dtype)

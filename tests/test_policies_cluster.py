@@ -14,14 +14,14 @@ from daskdl.workerenv import cluster_config
 from .conftest import accuracy, init_mlp, loss_fn
 
 
-def train(client, digits, policy, epochs=2, seed=0, slowdown=None, batch_size=32):
+def train(client, digits, policy, epochs=2, seed=0, slowdown=None, batch_size=32, **kw):
     x, y = digits
     train_ds, test_ds = ddl.Dataset.from_arrays(x=x, y=y).split(0.8, seed=0)
     cfg = {"daskdl.testing.slowdown": slowdown or {}}
     with dask.config.set(cfg), ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)),
                                            optax.adam(3e-3), policy=policy,
                                            batch_size=batch_size, client=client,
-                                           seed=seed) as tr:
+                                           seed=seed, **kw) as tr:
         tr.fit(train_ds, epochs=epochs)
         return tr.params, tr.evaluate(test_ds, accuracy)["accuracy"], tr.info(), tr
 
@@ -70,15 +70,16 @@ def test_diloco_with_outer_sgd_1_equals_bsp(client2, digits):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("sync", ["scheduler", "sharded"])
 @pytest.mark.parametrize("policy,epochs", [
     (ddl.BSP(every=4), 20), (ddl.SSP(every=4, staleness=2), 20),
     (ddl.Async(every=4), 30),  # its 1/(1+staleness) scale halves each update with 2 workers
     (ddl.EASGD(every=4, alpha=0.25), 20), (ddl.DiLoCo(every=4), 20)],
     ids=["BSP", "SSP", "Async", "EASGD", "DiLoCo"])
-def test_every_preset_trains_digits_to_95_percent(client2, digits, policy, epochs):
-    _, acc, info, _ = train(client2, digits, policy, epochs=epochs)
-    assert acc >= 0.95, (policy.name, acc)
-    assert info["policy"] == policy.name
+def test_every_preset_trains_digits_to_95_percent(client2, digits, policy, epochs, sync):
+    _, acc, info, tr = train(client2, digits, policy, epochs=epochs, sync=sync)
+    assert acc >= 0.95, (policy.name, sync, acc)
+    assert info["policy"] == policy.name and tr.sync == sync
 
 
 # -- a policy written by a user, in a few lines -------------------------------------------------

@@ -641,8 +641,10 @@ class TrainingPlugin(SchedulerPlugin):
         st.stats.arrived(req.rank, st.members[req.rank], req.clock, req.samples, req.version,
                          req.loss, req.compute,
                          req.sent if leaves is None else sum(x.nbytes for x in leaves))
-        if leaves is None and req.divergence is not None and req.rank in st.stats.ranks:
-            st.stats.ranks[req.rank]["divergence"] = req.divergence
+        if leaves is None:
+            st.stats.shard_traffic(req.rank, req.raw, req.received, req.transfer, req.merge)
+            if req.divergence is not None and req.rank in st.stats.ranks:
+                st.stats.ranks[req.rank]["divergence"] = req.divergence
         contribution = Contribution(req.rank, leaves, req.samples, req.version, req.loss,
                                     state)
         if st.policy.group:

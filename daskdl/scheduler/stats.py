@@ -32,7 +32,8 @@ def rank_stats(address: str) -> dict:
     """The counters of one rank, all zero."""
     return {"address": address, "clock": 0, "rounds": 0, "samples": 0, "compute_s": 0.0,
             "wait_s": 0.0, "bytes_in": 0, "bytes_out": 0, "loss": None, "divergence": None,
-            "rejected": 0}
+            "rejected": 0, "raw_bytes": 0, "transfer_s": 0.0, "shard_merge_s": 0.0,
+            "compression": 1.0}
 
 
 def norm_of_difference(a: list, b: list) -> float:
@@ -86,6 +87,20 @@ class Stats:
         s["compute_s"] += compute
         s["bytes_in"] += int(nbytes)
         s["loss"] = loss
+
+    def shard_traffic(self, rank: int, raw: int, received: int, transfer: float,
+                      merge: float) -> None:
+        """Sharded sync: what a worker moved and spent besides its update's bytes
+        (counted by :meth:`arrived`): the bytes it gathered, the uncompressed size of
+        what it sent, seconds sending and gathering, seconds its owner merged."""
+        s = self.ranks.get(rank)
+        if s is None:
+            return
+        s["bytes_out"] += int(received)
+        s["raw_bytes"] += int(raw)
+        s["transfer_s"] += finite(transfer) or 0.0
+        s["shard_merge_s"] += finite(merge) or 0.0
+        s["compression"] = s["raw_bytes"] / s["bytes_in"] if s["bytes_in"] else 1.0
 
     def rejected_update(self, rank: int, address: str, clock: int, why: str) -> None:
         self.rejected += 1

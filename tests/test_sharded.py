@@ -1,0 +1,308 @@
+"""Sharded synchronisation: shard maps and owners (pure), and real clusters where the
+workers exchange shards and the scheduler plugin holds no parameter bytes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from distributed import Client
+
+import daskdl as ddl
+from daskdl import protocol
+from daskdl.errors import DaskDLError
+from daskdl.policies import Contribution, Merged, Policy, apply_deltas, average, no_state
+from daskdl.protocol import ProtocolError
+from daskdl.shards import (MergeEntry, Owner, ShardMap, Spec, check_sync, choose_sync,
+                           join_states, specs_of, split_state)
+
+from .conftest import accuracy, init_mlp, loss_fn
+from .test_policies_cluster import train
+
+
+# -- shard maps and owners, without a cluster ------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_shard_map_cuts_every_leaf_into_n_pieces_and_puts_them_back(n):
+    rng = np.random.default_rng(n)
+    leaves = [rng.normal(size=s).astype(np.float32) for s in [(7, 3), (2,), (), (4, 4, 2)]]
+    leaves.append(np.arange(11, dtype=np.int32))
+    m = ShardMap(specs_of(leaves), n)
+    shards = [m.pieces(leaves, j) for j in range(n)]
+    for j, pieces in enumerate(shards):
+        assert [p.shape for p in pieces] == [s.shape for s in m.piece_specs(j)]
+    # every element in exactly one piece, sizes differ by at most one
+    for i, x in enumerate(leaves):
+        sizes = [shards[j][i].size for j in range(n)]
+        assert sum(sizes) == x.size and max(sizes) - min(sizes) <= 1
+    back = m.assemble(shards)
+    for a, b in zip(back, leaves):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    # each owner holds 1/n of the bytes (within one element per leaf)
+    total = sum(x.nbytes for x in leaves)
+    assert all(abs(m.nbytes(j) - total / n) <= 4 * len(leaves) for j in range(n))
+
+
+@pytest.mark.parametrize("make", [lambda: optax.adam(1e-3), lambda: optax.sgd(0.7, momentum=0.9)])
+def test_a_policy_state_splits_into_shards_and_joins_back(make):
+    leaves = [np.ones((5, 3), np.float32), np.arange(4, dtype=np.float32)]
+    opt = make()
+    state = jax.tree_util.tree_map(np.asarray, opt.init(leaves))
+    # make it non-trivial: one step
+    _, state = opt.update([np.full_like(x, 0.5) for x in leaves], state, leaves)
+    state = jax.tree_util.tree_map(np.asarray, state)
+    m = ShardMap(specs_of(leaves), 3)
+    parts = [split_state(state, specs_of(leaves), m, j) for j in range(3)]
+    # a shard's state is what init + update over the shard's pieces would give
+    opt_j = opt.init(m.pieces(leaves, 1))
+    assert jax.tree_util.tree_structure(parts[1]) == jax.tree_util.tree_structure(opt_j)
+    back = join_states(parts, specs_of(leaves))
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _owner(policy, shard, version=0):
+    return Owner(policy, 0, 0, shard, version, specs_of(shard))
+
+
+def test_an_owner_merges_in_version_order_as_the_whole_model_would():
+    policy = ddl.SSP(every=1, staleness=1)
+    shard = [np.zeros(4, np.float32)]
+    owner = _owner(policy, shard)
+    owner.put(0, 0, [np.full(4, 1.0, np.float32)], delta=True)
+    owner.put(1, 0, [np.full(4, 3.0, np.float32)], delta=True)
+    entries = [MergeEntry(1, ((1, 0, 8, 0, None),), (0, 1)),
+               MergeEntry(2, ((0, 0, 8, 0, None),), (0, 1))]
+    owner.catch_up(entries, upto=1)  # only what was asked
+    assert owner.version == 1
+    np.testing.assert_array_equal(owner.shard[0], np.full(4, 1.5, np.float32))
+    owner.catch_up(entries, upto=5)
+    assert owner.version == 2
+    np.testing.assert_array_equal(owner.shard[0], np.full(4, 2.0, np.float32))
+    owner.catch_up(entries, upto=5)  # applied once
+    np.testing.assert_array_equal(owner.shard[0], np.full(4, 2.0, np.float32))
+    # the same merges over the whole model
+    whole = policy.merge((), [np.zeros(4, np.float32)],
+                         [Contribution(1, [np.full(4, 3.0, np.float32)], 8, 0)],
+                         ddl.policies.SyncInfo(0, (0, 1)))
+    assert whole.params[0][0] == 1.5
+
+
+def test_an_owner_refuses_a_gap_and_names_a_missing_update():
+    owner = _owner(ddl.BSP(every=1), [np.zeros(2, np.float32)])
+    with pytest.raises(DaskDLError, match="cannot be applied before 1"):
+        owner.catch_up([MergeEntry(2, ((0, 0, 1, 0, None),), (0,))], upto=2)
+    with pytest.raises(DaskDLError, match="rank 0 after round 3 never came"):
+        owner.catch_up([MergeEntry(1, ((0, 3, 1, 0, None),), (0,))], upto=1)
+    assert owner.version == 0  # nothing applied
+
+
+def test_a_merge_that_changes_the_shard_shape_is_refused():
+    bad = Policy("Bad", 1, no_state, ddl.all_arrived,
+                 lambda s, g, c, i: Merged([np.zeros(3, np.float32)], s))
+    owner = _owner(bad, [np.zeros(2, np.float32)])
+    owner.put(0, 0, [np.ones(2, np.float32)], delta=False)
+    with pytest.raises(DaskDLError, match="not shaped like the shard"):
+        owner.catch_up([MergeEntry(1, ((0, 0, 1, 0, None),), (0,))], upto=1)
+    np.testing.assert_array_equal(owner.shard[0], np.zeros(2, np.float32))
+
+
+def test_merge_entries_round_trip_and_junk_is_refused():
+    e = MergeEntry(7, ((0, 3, 32, 6, 0.5), (1, 3, 32, 6, None)), (0, 1), True)
+    assert MergeEntry.from_msg(e.to_msg()) == e
+    for junk in (None, [1, 2], [1, [[0, 1]], [0], False], "abc"):
+        with pytest.raises(ProtocolError):
+            MergeEntry.from_msg(junk)
+
+
+def test_specs_field_refuses_what_is_not_shapes_and_numeric_dtypes():
+    assert protocol.specs_field([[[2, 3], "float32"]]) == [Spec((2, 3), np.dtype("float32"))]
+    for junk in ([], [[[2], "object"]], [[[-1], "float32"]], [["x", "float32"]], "abc"):
+        with pytest.raises(ProtocolError):
+            protocol.specs_field(junk)
+
+
+def test_sync_and_compression_arguments_are_checked_before_anything_starts():
+    assert check_sync("sharded") == "sharded"
+    with pytest.raises(ValueError, match="sync must be one of"):
+        check_sync("allreduce")
+    assert choose_sync("auto", 1000) == "scheduler"
+    assert choose_sync("auto", 10**9) == "sharded"
+    assert choose_sync("scheduler", 10**9) == "scheduler"
+    params = init_mlp(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="needs sync='sharded'"):
+        ddl.Trainer(loss_fn, params, optax.sgd(0.1), sync="scheduler", compression="int8")
+    with pytest.raises(ValueError, match="compression"):
+        ddl.Trainer(loss_fn, params, optax.sgd(0.1), sync="sharded", compression="fp4")
+
+
+# -- on a cluster ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", [ddl.BSP(every=4), ddl.DiLoCo(every=4, outer=optax.sgd(1.0)),
+                                    ddl.DiLoCo(every=4), ddl.EASGD(every=4, alpha=0.3)],
+                         ids=["BSP", "DiLoCo-sgd1", "DiLoCo", "EASGD"])
+def test_sharded_is_bit_identical_to_the_scheduler_path(client2, digits, policy):
+    p_sched, acc_s, info_s, tr_s = train(client2, digits, policy, epochs=2, sync="scheduler")
+    p_shard, acc_h, info_h, tr_h = train(client2, digits, policy, epochs=2, sync="sharded")
+    assert tr_s.sync == "scheduler" and tr_h.sync == "sharded"
+    for a, b in zip(jax.tree_util.tree_leaves(p_sched), jax.tree_util.tree_leaves(p_shard)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert acc_s == acc_h
+    assert info_h["version"] == info_s["version"]
+    # sharded rounds say what they moved and how long it took
+    r = tr_h.rounds[-1]
+    assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["transfer_s"] > 0
+    ranks = info_h["metrics"]["ranks"]
+    assert all(ranks[k]["bytes_in"] > 0 and ranks[k]["transfer_s"] > 0 for k in ranks)
+
+
+def test_the_scheduler_holds_no_parameter_bytes_while_a_sharded_run_trains(client2, digits):
+    x, y = digits
+    ds = ddl.Dataset.from_arrays(x=x, y=y)
+    seen = []
+
+    def inspect(dask_scheduler, run):
+        st = dask_scheduler.extensions["daskdl"].runs[run]
+        arrays = [a for a in jax.tree_util.tree_leaves((st.leaves, st.policy_state,
+                                                        st.replies, st.owner_state))
+                  if isinstance(a, np.ndarray) and a.size > 1]
+        return st.sharded, len(arrays), len(st.log)
+
+    with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
+                     policy=ddl.DiLoCo(every=4), batch_size=32, client=client2,
+                     sync="sharded") as tr:
+        def cb(r):
+            if len(seen) < 3:
+                seen.append(client2.run_on_scheduler(inspect, run=tr.run))
+        tr.fit(ds, epochs=1, verbose=False, callbacks=[cb])
+    assert seen and all(s[0] and s[1] == 0 for s in seen), seen
+    assert all(s[2] <= 4 for s in seen)  # the merge log is pruned as owners catch up
+
+
+def test_int8_with_error_feedback_trains_as_well_as_exact_updates(client2, digits):
+    policy, epochs = ddl.BSP(every=4), 20
+    _, exact, *_ = train(client2, digits, policy, epochs=epochs, sync="sharded")
+    _, int8, _, tr = train(client2, digits, policy, epochs=epochs, sync="sharded",
+                           compression="int8")
+    import dask
+
+    with dask.config.set({"daskdl.error-feedback": False}):
+        _, plain, *_ = train(client2, digits, policy, epochs=epochs, sync="sharded",
+                             compression="int8")
+    print(f"digits test accuracy: exact {exact:.4f}, int8 with error feedback {int8:.4f}, "
+          f"int8 without {plain:.4f}")
+    assert int8 >= exact - 0.005, (int8, exact)
+    ratios = [r["compression"] for r in tr.rounds]
+    assert min(ratios) > 3.0, min(ratios)  # int8 codes + one float32 scale per 256
+
+
+def test_shard_handlers_refuse_a_wrong_secret_wrong_shapes_and_unknown_runs(client2, digits):
+    x, y = digits
+    with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.1),
+                     policy=ddl.BSP(every=4), batch_size=32, client=client2,
+                     sync="sharded") as tr:
+        tr.fit(ddl.Dataset.from_arrays(x=x, y=y), epochs=1, verbose=False)
+        addr = tr.info()["members"][0]
+        before = jax.tree_util.tree_leaves(tr.params)
+        rpc = client2.rpc(addr)
+
+        def put(**kw):
+            msg = dict(run=tr.run, secret=tr._secret, fit=tr._fits, gen=0, rank=1,
+                       clock=10**6, shard=0, delta=False, timeout=1.0,
+                       pieces=[np.zeros(3, np.float32)])
+            msg.update(kw)
+            return client2.sync(rpc.daskdl_shard_put, **msg)
+
+        assert "wrong secret" in put(secret="x" * 32)["reason"]
+        assert "no training run" in put(run="nope")["reason"]
+        reply = put()
+        assert reply["status"] == "refused" and "piece" in reply["reason"]
+        reply = put(pieces=[np.full(s.shape, np.nan, s.dtype) for s in
+                            ddl.shards.ShardMap(specs_of(before), 2).piece_specs(0)])
+        assert reply["status"] == "refused" and "NaN" in reply["reason"]
+        reply = client2.sync(rpc.daskdl_shard_full, run=tr.run, secret="x" * 32, version=0)
+        assert reply["status"] == "refused"
+        # nothing changed: a fit from here starts where the last one ended
+        tr._fetch_params()
+        for a, b in zip(before, jax.tree_util.tree_leaves(tr.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- memory: the scheduler in its own process ----------------------------------------------------
+D = 64
+
+
+def _table_model(mb: float):
+    rows = int(mb * 1e6 / 4 / D)
+    return {"table": jnp.zeros((rows, D), jnp.float32) + 0.01, "w": jnp.ones((D, 1)) * 0.1}
+
+
+def table_loss(params, batch):
+    emb = params["table"][batch["ids"]].mean(axis=1)
+    return jnp.mean((emb @ params["w"])[:, 0] - batch["y"]) ** 2
+
+
+def _rss(pid: int) -> int:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss
+
+
+def test_scheduler_memory_does_not_grow_with_the_model_when_sharded(tmp_path):
+    """A 100 MB model on 2 workers: the scheduler process grows by less than 64 MB."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ddl.__file__)),
+               XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                              "--port", "0", "--no-dashboard", "--scheduler-file",
+                              str(tmp_path / "s.json")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "s.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                     "--scheduler-file", str(tmp_path / "s.json"),
+                                     "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+                                    env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL) for _ in range(2)]
+        with Client(scheduler_file=str(tmp_path / "s.json"), set_as_default=False) as c:
+            c.wait_for_workers(2, timeout=60)
+            rng = np.random.default_rng(0)
+            params = _table_model(100)
+            rows = params["table"].shape[0]
+            ds = ddl.Dataset.from_arrays(ids=rng.integers(0, rows, (1024, 8), dtype=np.int32),
+                                         y=rng.normal(size=1024).astype(np.float32))
+            with ddl.Trainer(table_loss, params, optax.sgd(0.1), policy=ddl.BSP(every=4),
+                             batch_size=32, client=c, sync="sharded") as tr:
+                tr.fit(ds, epochs=1, verbose=False)  # compiled, warm
+                base, peak, stop = _rss(sched.pid), [0], threading.Event()
+
+                def sample():
+                    while not stop.is_set():
+                        peak[0] = max(peak[0], _rss(sched.pid))
+                        time.sleep(0.02)
+
+                t = threading.Thread(target=sample)
+                t.start()
+                try:
+                    tr.fit(ds, epochs=2, verbose=False)
+                finally:
+                    stop.set()
+                    t.join()
+                moved = sum(r["bytes_sent"] + r["bytes_received"] for r in tr.rounds)
+            growth = (peak[0] - base) / 2**20
+            print(f"scheduler RSS growth {growth:.1f} MB; {moved / 2**20:.0f} MB moved "
+                  "between workers")
+            assert moved > 4 * 100e6  # the model's bytes did move, between the workers
+            assert growth < 64, growth
+    finally:
+        for p in workers + [sched]:
+            p.kill()
