@@ -51,7 +51,7 @@ from .protocol import RoundSpec, Status, SyncReply, SyncRequest
 from .sources import ChunkReader
 from .step import DeviceMesh, init_state, make_train_steps, set_step_count
 from .model import takes_key
-from .tree import flatten, unflatten
+from .tree import aligned_empty, flatten, unflatten
 
 logger = logging.getLogger("daskdl")
 
@@ -280,7 +280,8 @@ class Replica(WorkerPlugin):
 
     def _set_params(self, leaves, version: int, fresh: bool = False) -> None:
         # copied to the device now, so that the copy counts in sync, not in the next compute
-        params = jax.block_until_ready(self.template.trainable([jnp.array(leaf)
+        # (device_put aliases an aligned numpy buffer on the CPU: no copy at all)
+        params = jax.block_until_ready(self.template.trainable([jax.device_put(leaf)
                                                                 for leaf in leaves]))
         if self.state is None or fresh:
             self.state = init_state(params, self.optimizer)
@@ -606,7 +607,7 @@ def gather_batches(seed: int, spec: RoundSpec, blocks: tuple) -> dict:
     total = spec.steps * spec.batch_size
     dest = round_permutation(seed, spec.epoch, spec.rank, spec.round, total)
     first = by_chunk[spec.chunks[0]]
-    out = [np.empty((total,) + np.shape(a)[1:], dtype=np.asarray(a).dtype) for a in first]
+    out = [aligned_empty((total,) + np.shape(a)[1:], np.asarray(a).dtype) for a in first]
     pos = 0
     for chunk, start, stop, perm_epoch in spec.segments:
         data = by_chunk[chunk]

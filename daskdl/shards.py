@@ -30,6 +30,7 @@ import numpy as np
 from .errors import DaskDLError
 from .policies import Contribution, Merged, Policy, SyncInfo
 from .protocol import ProtocolError
+from .tree import aligned_empty
 
 SYNC_MODES = ("auto", "scheduler", "sharded")
 AUTO_SHARDED_BYTES = 8 * 2**20  # sync="auto" shards models of at least this many bytes
@@ -102,7 +103,7 @@ class ShardMap:
         """The leaves from their ``n`` shards (in shard order)."""
         out = []
         for i, s in enumerate(self.specs):
-            flat = np.empty(s.size, s.dtype)
+            flat = aligned_empty(s.size, s.dtype)
             for j in range(self.n):
                 flat[self.bounds[i][j]:self.bounds[i][j + 1]] = shards[j][i]
             out.append(flat.reshape(s.shape))

@@ -53,6 +53,24 @@ def check_params(params) -> None:
             )
 
 
+ALIGN = 64  # bytes: XLA on the CPU uses (aliases) a numpy buffer aligned so, unaligned it copies
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised array whose data starts at a multiple of :data:`ALIGN` bytes.
+
+    ``jax.device_put`` of such an array on the CPU aliases its memory instead of copying
+    it (measured: 40 MB in 0.05 ms instead of 24-36 ms), so arrays built to be handed to
+    JAX (batches, gathered parameters) are allocated with it.  The caller must not
+    write to the array once JAX holds it.
+    """
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    buf = np.empty(n * dtype.itemsize + ALIGN, np.uint8)
+    start = (-buf.ctypes.data) % ALIGN
+    return buf[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def weighted_mean(contributions: Sequence[Sequence[np.ndarray]],
                   weights: Sequence[float]) -> list[np.ndarray]:
     """Sample-weighted mean of several leaf lists, leaf by leaf, in the given order.
