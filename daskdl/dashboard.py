@@ -24,7 +24,9 @@ ended ones can be chosen; by default the newest running one is followed):
 - samples/s of the whole run over time;
 - divergence ``||theta_i - theta_global||`` of each worker at a sync (the plugin
   measures it at most once a second per run);
-- bytes synced per worker (to and from the scheduler);
+- bytes synced per worker (to and from the scheduler, or, sharded, to and from the
+  shard owners), seconds transferring shards and merging the worker's own shard, and
+  the compression ratio of its updates;
 - a table with every per-worker number.
 """
 
@@ -175,7 +177,8 @@ def _state_of(m: dict) -> str:
 def _worker_table(ranks: list) -> str:
     """The per-worker numbers as an HTML table (strings escaped)."""
     head = ("worker", "address", "clock", "staleness", "rounds", "samples", "samples/s",
-            "compute s", "wait s", "MB sent", "MB received", "loss", "divergence")
+            "compute s", "wait s", "transfer s", "shard merge s", "MB sent", "MB received",
+            "compression", "loss", "divergence")
     rows = []
     for r, s in ranks:
         busy = s["compute_s"] + s["wait_s"]
@@ -183,8 +186,9 @@ def _worker_table(ranks: list) -> str:
                  s["rounds"],
                  s["samples"], _fmt(s["samples"] / busy if busy else None, ".0f"),
                  _fmt(s["compute_s"], ".1f"), _fmt(s["wait_s"], ".1f"),
+                 _fmt(s.get("transfer_s", 0.0), ".1f"), _fmt(s.get("shard_merge_s", 0.0), ".1f"),
                  _fmt(s["bytes_in"] / 1e6, ".1f"), _fmt(s["bytes_out"] / 1e6, ".1f"),
-                 _fmt(s["loss"]), _fmt(s["divergence"]))
+                 _fmt(s.get("compression", 1.0), ".2f"), _fmt(s["loss"]), _fmt(s["divergence"]))
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ('<table style="border-collapse:collapse;font-size:12px" cellpadding="4">'
             "<tr>" + "".join(f'<th style="text-align:left">{h}</th>' for h in head)

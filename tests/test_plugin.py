@@ -126,14 +126,14 @@ async def test_freeze_discards_unmerged_rounds_and_regroup_starts_a_generation(c
                          sync(plugin, 1, 0, leaves(3.0)))  # round 0 merged
     waiting = asyncio.ensure_future(sync(plugin, 0, 1, leaves(5.0), version=1))
     await asyncio.sleep(0.1)
-    frozen = call(plugin, "freeze")
+    frozen = await call(plugin, "freeze")
     assert frozen["status"] == "OK" and frozen["done"] == {0: 1, 1: 1}
     assert (await asyncio.wait_for(waiting, 2))["status"] == "replan"
     assert (await sync(plugin, 1, 1, leaves(7.0), version=1))["status"] == "replan"
     st = plugin.runs["r"]
     np.testing.assert_allclose(st.leaves[0], 2.0)  # round 1 never merged
     reply = call(plugin, "regroup", members={"0": "w1", "1": "w2", "2": "w3"}, clock=1)
-    assert reply == {"status": "OK", "generation": 1}
+    assert reply == {"status": "OK", "generation": 1, "source": None}
     assert st.gen == 1 and st.clocks == {0: 1, 1: 1, 2: 1}
     old = await sync(plugin, 0, 1, leaves(9.0), version=1, gen=0)  # a round of generation 0
     assert old["status"] == "replan"
