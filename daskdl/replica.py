@@ -458,8 +458,15 @@ class Replica(WorkerPlugin):
                           transfer=t_put - t0 + last.get("gather_s", 0.0), raw=raw,
                           received=last.get("bytes_received", 0),
                           merge=max(merge_s - last.get("owner_merge_s", merge_s), 0.0))
-        with context_meter.meter("daskdl-sync"):
-            reply = SyncReply.from_msg(self._call(protocol.SYNC, **req.to_msg(self._secret)))
+        if spec.secede:  # graph sources: the thread pool stays free while it waits
+            secede()
+        try:
+            with context_meter.meter("daskdl-sync"):
+                reply = SyncReply.from_msg(self._call(protocol.SYNC,
+                                                      **req.to_msg(self._secret)))
+        finally:
+            if spec.secede:
+                rejoin()
         if reply.status not in (Status.OK, Status.REJECTED):
             return reply
         t_gather = time.perf_counter()
