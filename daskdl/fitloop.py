@@ -69,6 +69,7 @@ class FitConfig:
     rounds_per_task: int = 1
     sharded: bool = False  # sync="sharded" (daskdl.shards)
     compression: str | None = None
+    overlap: bool = False  # sharded: round r + 1 computes while round r syncs
 
     @property
     def tasks_ahead(self) -> int:
@@ -296,6 +297,8 @@ class FitLoop:
         """Per-rank queues of this generation's rounds, and the checkpoint clocks."""
         self.queues = schedule.RoundQueues(self.entries, len(self.workers),
                                            self.cfg.tasks_ahead, self.cfg.rounds_per_task)
+        # each rank's last round of the generation (an overlapped sync must end there)
+        self.last_clock = {r: q[-1][2] for r, q in self.queues.queue.items() if q}
         self.ckpt_clocks = ({} if self.cfg.checkpoint is None else
                             schedule.checkpoint_clocks(self.entries, self.cfg.checkpoint_every))
         self.bar.total = self.bar.n + self.queues.queued
@@ -329,7 +332,8 @@ class FitLoop:
             source=reader, next_chunks=self._next_chunks(i, rank, k) if reader else (),
             faults=self.cfg.faults_for(rank, clock), secede=self.source.kind == "graph",
             members=tuple(self.workers) if self.cfg.sharded else (),
-            compression=self.cfg.compression)
+            compression=self.cfg.compression, overlap=self.cfg.overlap,
+            last=clock == self.last_clock.get(rank))
 
     def round_task(self, rank: int, rounds: list):
         """The task running ``rounds`` (``(entry, round, clock)``, consecutive) of worker

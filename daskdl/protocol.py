@@ -574,6 +574,8 @@ class RoundSpec:
     secede: bool = True  # leave the thread pool while waiting in the barrier
     members: tuple = ()  # sync="sharded": the generation's workers by rank (shard owners)
     compression: str | None = None  # sync="sharded": how updates travel (None, bf16, int8)
+    overlap: bool = False  # sync="sharded": the next round computes while this one syncs
+    last: bool = False  # the rank's last round of the generation (an overlapped sync ends)
 
     @property
     def sharded(self) -> bool:

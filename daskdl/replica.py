@@ -31,6 +31,7 @@ trip between two rounds): :class:`RoundOrder` runs them in clock order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -175,12 +176,15 @@ class Replica(WorkerPlugin):
         self.reader = ChunkReader()
         self.mesh = None
         self.exchange = None
+        self.overlapped = None  # (spec, future, state before, params sent) of a background sync
+        self._pool = None
         self.timings: dict = {}
         self.feedback: dict = {}  # (shards, shard) -> ErrorFeedback (compressed updates)
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        for k in ("worker", "train_steps", "state", "order", "reader", "mesh", "exchange"):
+        for k in ("worker", "train_steps", "state", "order", "reader", "mesh", "exchange",
+                  "overlapped", "_pool"):
             d[k] = None
         d["feedback"] = {}
         return d
@@ -205,6 +209,8 @@ class Replica(WorkerPlugin):
         self.order.close()
         if self.exchange is not None:
             self.exchange.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- scheduler calls ------------------------------------------------------------
     def _call(self, op: str, **kwargs) -> dict:
@@ -310,6 +316,7 @@ class Replica(WorkerPlugin):
         starting parameters (sharded runs, first round of a rank)."""
         if self.order.wait_turn(spec, self.worker.address):
             self.need_pull = True  # a new fit or generation: pull at its first round
+            self._drop_overlapped()
         ok = False
         try:
             if self.need_pull or self.state is None:
@@ -330,14 +337,58 @@ class Replica(WorkerPlugin):
         times["data"] = time.perf_counter()
         state, losses, aux = self.compute(spec, batches, blocks)
         times["compute"] = time.perf_counter()
+        if self.overlapped is not None:  # the last round's sync ran during this compute
+            state, losses, aux = self._catch_up(spec, state, losses, aux, batches, blocks)
         leaves = self.contribution(spec, state)
         before, self.state = self.state, state
         samples = int(np.prod(losses.shape)) * spec.batch_size
-        sync_fn = self.sync_sharded if spec.sharded else self.sync
-        reply = sync_fn(spec, leaves, samples, float(losses.mean()),
-                        times["compute"] - times["data"], state)
-        self.apply(spec, reply, before)
+        args = (leaves, samples, float(losses.mean()), times["compute"] - times["data"], state)
+        if spec.overlap and not spec.last:  # sync in the background; go on computing
+            background = dataclasses.replace(spec, secede=False)
+            future = self._sync_pool().submit(self.sync_sharded, background, *args)
+            self.overlapped = (spec, future, before, state.params)
+            reply = SyncReply(Status.OK, self.version)
+        else:
+            sync_fn = self.sync_sharded if spec.sharded else self.sync
+            reply = sync_fn(spec, *args)
+            self.apply(spec, reply, before)
         return self._result(spec, reply, losses, aux, samples, times)
+
+    # -- overlap: round r + 1 computes while round r syncs -------------------------------
+    def _sync_pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="daskdl-sync")
+        return self._pool
+
+    def _catch_up(self, spec: RoundSpec, state, losses, aux, batches, blocks):
+        """Apply the sync of the round before, one round late: the round just computed
+        moves onto what that sync answered (``synced + (params now - params sent)``).
+        A rejected update starts again from the global params and recomputes this
+        round; a discarded or aborted one discards this round too."""
+        prev_spec, future, before, sent = self.overlapped
+        self.overlapped = None
+        t0 = time.perf_counter()
+        reply = future.result()
+        self.timings = dict(self.timings, exposed_s=time.perf_counter() - t0)
+        start = self.state  # this round started from what the round before ended with
+        self.apply(prev_spec, reply, before)  # raises for replan / aborted
+        if reply.status is Status.REJECTED:  # recompute from the fresh start
+            return self.compute(spec, batches, blocks)
+        moved = _moved(self.state.params, state.params, start.params)
+        return state._replace(params=moved), losses, aux
+
+    def _drop_overlapped(self) -> None:
+        """A new fit or generation: an overlapped sync still running belongs to the old
+        one (it is answered ``replan`` or was merged; either way it is over)."""
+        if self.overlapped is not None:
+            _, future, _, _ = self.overlapped
+            self.overlapped = None
+            try:
+                future.result(timeout=60)
+            except Exception:  # noqa: BLE001  (its outcome no longer matters)
+                pass
 
     def read(self, spec: RoundSpec, blocks: tuple) -> tuple[dict, tuple]:
         """The round's samples as arrays of shape ``(steps, batch_size, ...)``, and
@@ -428,8 +479,9 @@ class Replica(WorkerPlugin):
         if finite:
             parts = [smap.pieces(leaves, j) for j in range(len(members))]
             raw = sum(p.nbytes for j, ps in enumerate(parts) if j != spec.rank for p in ps)
-            if spec.compression is not None:
-                parts = [self._compressor(j, len(members), spec.compression).compress(p)
+            if spec.compression is not None:  # this worker's own piece stays exact
+                parts = [p if j == spec.rank else
+                         self._compressor(j, len(members), spec.compression).compress(p)
                          for j, p in enumerate(parts)]
             try:
                 sent = self._scatter(spec, parts, delta)
@@ -598,6 +650,7 @@ class Replica(WorkerPlugin):
             "version": reply.version, "compiles": self.compiles,
             "started": times["started"], "finished": time.time(),
             "rejected": reply.reason if reply.status is Status.REJECTED else None,
+            "overlapped": spec.overlap and not spec.last,
             **({k: v for k, v in self.timings.items() if k not in ("gather_s", "owner_merge_s")}
                if spec.sharded else {}),
         }
@@ -628,6 +681,13 @@ def gather_batches(seed: int, spec: RoundSpec, blocks: tuple) -> dict:
         raise RuntimeError(f"round has {pos} samples, expected {total}")
     return {n: o.reshape((spec.steps, spec.batch_size) + o.shape[1:])
             for n, o in zip(spec.names, out)}
+
+
+@jax.jit
+def _moved(synced, now, start):
+    """``synced + (now - start)``, leaf by leaf (overlap: one round's progress moved onto
+    what the sync of the round before answered)."""
+    return jax.tree_util.tree_map(lambda a, b, c: a + (b - c), synced, now, start)
 
 
 @jax.jit
