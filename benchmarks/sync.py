@@ -13,9 +13,12 @@ is the squared error of the mean-pooled embeddings times ``w``.  Plain SGD,
 
 For each size, number of workers N and mode, in one invocation:
 
-* **daskdl**: a fresh ``LocalCluster`` of N single-threaded worker processes (the
-  scheduler in this process, as ``Trainer(client=None)`` would start it), a warm-up
-  fit (start-up, compilation), then a measured fit of ``--rounds`` rounds per
+* **daskdl**: a fresh cluster, as on a real one: a scheduler in its own process
+  (``dask scheduler --port 0 --no-dashboard --scheduler-file F``) and N
+  single-threaded worker processes (``dask worker --nthreads 1 --no-nanny``, XLA on
+  one thread, this checkout's daskdl on ``PYTHONPATH``; the ``Trainer`` pins each to
+  a core), with this process only the client (``Client(scheduler_file=F)``); a
+  warm-up fit (start-up, compilation), then a measured fit of ``--rounds`` rounds per
   worker.  Modes are ``<sync>[-<compression>]``: ``Trainer(sync=..., compression=...)``
   with ``sync`` one of ``scheduler`` (every parameter byte through the scheduler
   plugin), ``sharded`` (workers exchange shards directly: reduce-scatter + all-gather;
@@ -24,9 +27,12 @@ For each size, number of workers N and mode, in one invocation:
   plain ``scheduler`` then runs as ``Trainer()`` does today, which is that path.
   Reported: sync ms per round (median over every worker's rounds of ``sync_s``) and
   its parts ``transfer_s``, ``merge_s``, ``wait_s`` when the rounds carry them;
-  samples/s of the measured fit; this process's RSS growth (peak during the fit minus
-  before, sampled every 20 ms: the scheduler lives here); the largest worker's peak
-  RSS; bytes sent per worker-round (``bytes_sent``).  Where the rounds carry no
+  samples/s of the measured fit; the scheduler process's RSS growth (its peak during
+  the fit minus its RSS just before, sampled every 20 ms with psutil); the client's
+  copies of the parameters (the starting ones it scatters, the final ones it fetches)
+  live in this process and are not counted there (this process's own growth is in
+  the JSON as ``client_rss_growth_mb``); the largest worker's peak RSS; bytes sent
+  per worker-round (``bytes_sent``).  Where the rounds carry no
   ``merge_s`` / ``bytes_sent`` on the scheduler path, the plugin's own figures stand
   in, marked ``*``: merge seconds per merge, and the bytes of each accepted update.
 * **gloo**: ``torch.distributed`` with the gloo backend, N processes pinned to the
@@ -52,10 +58,13 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -63,10 +72,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import psutil
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import daskdl as ddl
-from daskdl.workerenv import cluster_config
 
 DIM = 64  # embedding width
 IDS = 8  # ids per sample (mean-pooled)
@@ -166,6 +174,101 @@ class PeakRSS:
         self._sample()
 
 
+# -- the cluster: scheduler and workers in their own processes ---------------------------
+
+def _env() -> dict:
+    """The subprocesses' environment, as ``benchmarks/coordination.py`` starts them: XLA
+    and OpenMP on one thread, and this checkout's daskdl first on ``PYTHONPATH``."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(ddl.__file__))  # the daskdl this process runs
+    env.update(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root] + sys.path))
+    # as daskdl's cluster_config(): no small malloc trim threshold (it slows XLA); workers
+    # without a nanny get none from Dask, so only an inherited one is dropped
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return env
+
+
+def _log_tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(f.read().strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Cluster:
+    """A scheduler process, ``n`` worker processes and a client of them in this process."""
+
+    def __init__(self, n: int):
+        self.dir = tempfile.mkdtemp(prefix="daskdl-sync-bench-")
+        self.file = os.path.join(self.dir, "scheduler.json")
+        self.sched = None
+        self.workers: list = []
+        self.client = None
+        self._logs: list = []
+        try:
+            self._start(n)
+        except BaseException:
+            self.close()
+            raise
+
+    def _popen(self, args: list, log: str) -> subprocess.Popen:
+        out = open(os.path.join(self.dir, log), "wb")
+        self._logs.append(out)
+        return subprocess.Popen([sys.executable, "-m", *args], env=_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+
+    def _start(self, n: int) -> None:
+        self.sched = self._popen(["distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", "0", "--no-dashboard", "--scheduler-file",
+                                  self.file], "scheduler.log")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.file):  # written once the scheduler listens
+            if self.sched.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the scheduler did not start: "
+                                   + _log_tail(os.path.join(self.dir, "scheduler.log")))
+            time.sleep(0.05)
+        self.workers = [self._popen(
+            ["distributed.cli.dask_worker", "--scheduler-file", self.file, "--host",
+             "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard",
+             "--memory-limit", "0"], f"worker-{i}.log") for i in range(n)]
+        self.client = Client(scheduler_file=self.file, set_as_default=False, timeout=60)
+        try:
+            self.client.wait_for_workers(n, timeout=180)
+        except Exception as e:
+            dead = [i for i, w in enumerate(self.workers) if w.poll() is not None]
+            tail = _log_tail(os.path.join(self.dir, f"worker-{dead[0]}.log")) if dead else ""
+            raise RuntimeError(f"{n} workers did not join: {e} {tail}") from e
+
+    @property
+    def worker_pids(self) -> list:
+        return [w.pid for w in self.workers]
+
+    def close(self) -> None:
+        """Close the client, then end every subprocess (killed if it lingers)."""
+        if self.client is not None:
+            try:
+                self.client.close(timeout=10)
+            except Exception:
+                pass
+            self.client = None
+        procs = [p for p in self.workers + [self.sched] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in self._logs:
+            f.close()
+        self._logs = []
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # -- daskdl ------------------------------------------------------------------------------
 
 def _median(values):
@@ -173,9 +276,10 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def measure_trainer(client: Client, mode: str, params: dict, warm: ddl.Dataset,
+def measure_trainer(cluster: Cluster, mode: str, params: dict, warm: ddl.Dataset,
                     data: ddl.Dataset) -> dict:
-    """Warm-up fit, then a measured fit, of one trainer on ``client``'s cluster."""
+    """Warm-up fit, then a measured fit, of one trainer on ``cluster``."""
+    client = cluster.client
     kwargs = parse_mode(mode)
     note = None
     try:
@@ -188,14 +292,15 @@ def measure_trainer(client: Client, mode: str, params: dict, warm: ddl.Dataset,
         tr = ddl.Trainer(loss_fn, params, optax.sgd(0.05), policy=ddl.BSP(every=EVERY),
                          batch_size=BATCH, client=client)
         note = "Trainer has no sync=: its default path"
-    worker_pids = sorted(client.run(os.getpid).values())
-    me = os.getpid()
+    worker_pids = cluster.worker_pids
+    sched, me = cluster.sched.pid, os.getpid()
     with tr:
         tr.fit(warm, epochs=1, verbose=False)  # start-up and compilation
         first = len(tr.rounds)
         gc.collect()
-        before = psutil.Process(me).memory_info().rss
-        with PeakRSS([me, *worker_pids]) as rss:
+        before = psutil.Process(sched).memory_info().rss
+        before_me = psutil.Process(me).memory_info().rss
+        with PeakRSS([sched, me, *worker_pids]) as rss:
             t0 = time.perf_counter()
             hist = tr.fit(data, epochs=1, verbose=False)
             wall = time.perf_counter() - t0
@@ -211,7 +316,8 @@ def measure_trainer(client: Client, mode: str, params: dict, warm: ddl.Dataset,
            "sync_ms": ms("sync_s"), "transfer_ms": ms("transfer_s"), "merge_ms": ms("merge_s"),
            "wait_ms": ms("wait_s"), "compute_ms": ms("compute_s"),
            "samples_per_s": samples / sum(h["seconds"] for h in hist), "wall_s": wall,
-           "sched_rss_growth_mb": (rss.peak[me] - before) / MB,
+           "sched_rss_growth_mb": (rss.peak[sched] - before) / MB,
+           "client_rss_growth_mb": (rss.peak[me] - before_me) / MB,
            "worker_peak_rss_mb": max(rss.peak[p] for p in worker_pids) / MB,
            "worker_peak_rss_each_mb": [rss.peak[p] / MB for p in worker_pids],
            "bytes_sent_per_round": _median(r.get("bytes_sent") for r in rounds),
@@ -239,27 +345,23 @@ def measure_daskdl(n: int, modes: list, params: dict, warm: ddl.Dataset, data: d
     """Each mode on a fresh cluster of ``n`` workers (one a mode found "n/a" left clean
     is used for the next).  Returns mode -> figures, or ``{"na": reason}``."""
     results: dict = {}
-    cluster = client = None
+    cluster = None
 
     def close():
-        nonlocal cluster, client
-        if client is not None:
-            client.close()
+        nonlocal cluster
+        if cluster is not None:
             cluster.close()
-        cluster = client = None
+        cluster = None
 
     try:
         for mode in modes:
             if mode in unavailable:
                 results[mode] = {"na": unavailable[mode]}
                 continue
-            if client is None:
-                with cluster_config():
-                    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0")
-                client = Client(cluster, set_as_default=False)
             try:
-                results[mode] = measure_trainer(client, mode, params, warm, data)
+                if cluster is None:
+                    cluster = Cluster(n)
+                results[mode] = measure_trainer(cluster, mode, params, warm, data)
             except Unavailable as e:
                 unavailable[mode] = f"n/a: {e}"
                 results[mode] = {"na": unavailable[mode]}
@@ -379,8 +481,8 @@ def loopback_ms(payload: np.ndarray, repeats: int = 5) -> float:
 # -- report ------------------------------------------------------------------------------
 
 FIELDS = ("sync_ms", "transfer_ms", "merge_ms", "wait_ms", "compute_ms", "gloo_ms", "ratio",
-          "sched_rss_growth_mb", "worker_peak_rss_mb", "samples_per_s", "bytes_sent_per_round",
-          "bytes_received_per_round", "wall_s")
+          "sched_rss_growth_mb", "client_rss_growth_mb", "worker_peak_rss_mb", "samples_per_s",
+          "bytes_sent_per_round", "bytes_received_per_round", "wall_s")
 
 
 def combine(runs: list) -> dict:
@@ -393,7 +495,8 @@ def combine(runs: list) -> dict:
                merge_from_plugin=ok[0]["merge_from_plugin"],
                bytes_from_plugin=ok[0]["bytes_from_plugin"],
                runs=[{k: r.get(k) for k in ("sync_ms", "samples_per_s", "sched_rss_growth_mb",
-                                             "worker_peak_rss_mb")} for r in ok])
+                                             "client_rss_growth_mb", "worker_peak_rss_mb")}
+                     for r in ok])
     if len(ok) < len(runs):
         out["failed"] = [r["na"] for r in runs if "na" in r]
     return out
@@ -410,6 +513,9 @@ def print_table(rows: list) -> None:
             "gloo_ms", "ratio", "sched_rss_mb", "worker_rss_mb", "samples/s",
             "bytes_sent/round")
     widths = (7, 7, 14, 9, 11, 9, 8, 8, 6, 12, 13, 9, 16)
+    print("sched_rss_mb: RSS growth of the scheduler, in its own process (as on a real "
+          "cluster), during the measured fit;\n  the client's copies of the parameters (in "
+          "this process) are not counted")
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, widths)))
     for row in rows:
         lead = (f"{row['size_mb']:>7g} {row['workers']:>7d} {row['mode']:>14s}")
@@ -526,7 +632,7 @@ def main() -> None:
                             r["na"] if "na" in r else
                             f"sync {r['sync_ms']:.1f} ms/round, wait {r['wait_ms']:.1f}, "
                             f"compute {r['compute_ms']:.1f}, {r['samples_per_s']:.0f} "
-                            f"samples/s, scheduler RSS +{r['sched_rss_growth_mb']:.1f} MB, "
+                            f"samples/s, scheduler process RSS +{r['sched_rss_growth_mb']:.1f} MB, "
                             f"worker peak {r['worker_peak_rss_mb']:.0f} MB"
                             + (f" ({r['note']})" if r["note"] else "")), flush=True)
                 if have_torch:
