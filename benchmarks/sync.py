@@ -19,7 +19,8 @@ For each size, number of workers N and mode, in one invocation:
   one thread, this checkout's daskdl on ``PYTHONPATH``; the ``Trainer`` pins each to
   a core), with this process only the client (``Client(scheduler_file=F)``); a
   warm-up fit (start-up, compilation), then a measured fit of ``--rounds`` rounds per
-  worker.  Modes are ``<sync>[-<compression>]``: ``Trainer(sync=..., compression=...)``
+  worker.  Modes are ``<sync>[-<compression>][-overlap]``: ``Trainer(sync=...,
+  compression=..., overlap=True)``
   with ``sync`` one of ``scheduler`` (every parameter byte through the scheduler
   plugin), ``sharded`` (workers exchange shards directly: reduce-scatter + all-gather;
   the scheduler only coordinates) or ``auto``, and ``compression`` ``bf16`` or
@@ -121,13 +122,21 @@ def param_bytes(params: dict) -> int:
 # -- modes -------------------------------------------------------------------------------
 
 def parse_mode(mode: str) -> dict:
-    """``"sharded-int8"`` -> ``{"sync": "sharded", "compression": "int8"}``."""
-    sync, _, compression = mode.partition("-")
+    """``"sharded-int8"`` -> ``{"sync": "sharded", "compression": "int8"}``;
+    ``"sharded-overlap"`` (or ``"sharded-int8-overlap"``) adds ``overlap=True``."""
+    parts = mode.split("-")
+    overlap = parts[-1] == "overlap"
+    if overlap:
+        parts = parts[:-1]
+    sync, compression = parts[0], "-".join(parts[1:])
     if sync not in ("scheduler", "sharded", "auto") or compression not in ("", "bf16", "int8"):
-        raise SystemExit(f"unknown mode {mode!r}: <scheduler|sharded|auto>[-bf16|-int8]")
+        raise SystemExit(f"unknown mode {mode!r}: <scheduler|sharded|auto>[-bf16|-int8]"
+                         "[-overlap]")
     kwargs = {"sync": sync}
     if compression:
         kwargs["compression"] = compression
+    if overlap:
+        kwargs["overlap"] = True
     return kwargs
 
 
