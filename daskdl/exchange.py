@@ -23,7 +23,6 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 
 from . import protocol
 from .errors import DaskDLError
@@ -146,8 +145,6 @@ class Exchange:
                     check_encoded(p, s.shape, s.dtype)
                 except ValueError as e:
                     raise ProtocolError(f"{what}: piece {i}: {e}") from None
-                if not np.isfinite(p.scales).all() if p.scales is not None else False:
-                    raise ProtocolError(f"{what}: piece {i} has non-finite scales")
             else:
                 check_pieces([p], [s], f"{what}: piece {i}")
 
@@ -209,8 +206,8 @@ def _nbytes(pieces) -> int:
     return n
 
 
-__all__ = ["Exchange", "install", "HANDLERS", "PUT", "GET", "FULL", "HELD"]
-_ = Status
+__all__ = ["Exchange", "install", "fetch_global", "fetch_pinned", "HANDLERS", "PUT", "GET",
+           "FULL", "HELD"]
 
 
 async def _gather_from(rpc, members: dict, specs, version: int, what: str, **msg) -> list:

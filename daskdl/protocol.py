@@ -339,9 +339,10 @@ class SyncReply:
         if self.merges:
             d["merges"] = list(self.merges)
         if self.params is not None:
-            from distributed.protocol.serialize import to_serialize
+            from distributed.protocol.serialize import Serialized, to_serialize
 
-            d["params"] = to_serialize(self.params)
+            d["params"] = (self.params if isinstance(self.params, Serialized)
+                           else to_serialize(self.params))
         if self.state is not None:
             from distributed.protocol.serialize import to_serialize
 

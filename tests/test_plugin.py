@@ -6,6 +6,7 @@ import numpy as np
 from distributed.utils_test import gen_cluster
 
 import daskdl as ddl
+from daskdl import protocol
 from daskdl.protocol import SyncRequest
 from daskdl.scheduler import TrainingPlugin, get_plugin
 
@@ -52,7 +53,7 @@ async def test_bsp_barrier_waits_for_every_worker_then_averages(c, s):
     reply = await first
     for rep in (reply, second):
         assert rep["status"] == "OK" and rep["version"] == 1
-        np.testing.assert_allclose(rep["params"].data[0], 1.5)  # (30*1 + 10*3) / 40
+        np.testing.assert_allclose(protocol.load(rep["params"])[0], 1.5)  # (30*1 + 10*3) / 40
     st = plugin.runs["r"]
     assert st.clocks == {0: 1, 1: 1}
     assert [h["kind"] for h in st.history] == ["arrive", "arrive", "merge", "release", "release"]
@@ -101,7 +102,7 @@ async def test_bad_updates_are_rejected_and_never_touch_the_global_params(c, s):
     bad_shape = [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)]
     reply = await sync(plugin, 0, 0, bad_shape)
     assert reply["status"] == "rejected" and "float32[3, 2]" in reply["reason"]
-    np.testing.assert_allclose(reply["params"].data[0], 0.0)  # re-sync from the global
+    np.testing.assert_allclose(protocol.load(reply["params"])[0], 0.0)  # re-sync from the global
     # the other worker's update is merged alone: the group does not wait for the rejected
     good = await sync(plugin, 1, 0, leaves(2.0))
     assert good["status"] == "OK"
@@ -184,3 +185,27 @@ async def test_worker_leaving_is_dropped_from_the_barrier_at_once(c, s, a, b):
     assert st.members == {0: a.address} and st.lost[1]["address"] == b.address
     assert st.lost[1]["done"] == 0 and st.lost[1]["reason"] == "left"
     assert st.aborted is None
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_a_large_model_is_checked_and_merged_off_the_event_loop(c, s):
+    """Above INLINE_MERGE_BYTES the finiteness check, the merge and the divergence norm
+    run in a thread: bad updates are still refused, good ones merged, and a second sync
+    of the same round sent while the first is being checked is refused."""
+    from daskdl.scheduler.plugin import INLINE_MERGE_BYTES
+
+    n = INLINE_MERGE_BYTES // 4 + 1024
+    big = lambda v: [np.full(n, v, np.float32)]  # noqa: E731
+    await c.register_plugin(TrainingPlugin())
+    plugin = get_plugin(s)
+    msg = dict(start_msg(), params=big(0.0))
+    assert plugin.start_run(**msg)["status"] == "OK"
+    bad = await sync(plugin, 0, 0, big(np.nan))
+    assert bad["status"] == "rejected" and "NaN" in bad["reason"]
+    # the same round twice, the second sent while the first is checked in a thread
+    replies = await asyncio.gather(sync(plugin, 1, 0, big(2.0)), sync(plugin, 1, 0, big(3.0)))
+    assert sorted(r["status"] for r in replies) == ["OK", "refused"], replies
+    kept = 2.0 if replies[0]["status"] == "OK" else 3.0
+    st = plugin.runs["r"]
+    np.testing.assert_allclose(st.leaves[0][:3], kept)  # rank 1's alone: rank 0 rejected
+    assert st.version == 1

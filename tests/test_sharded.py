@@ -19,12 +19,12 @@ from distributed import Client
 import daskdl as ddl
 from daskdl import protocol
 from daskdl.errors import DaskDLError
-from daskdl.policies import Contribution, Merged, Policy, apply_deltas, average, no_state
+from daskdl.policies import Contribution, Merged, Policy, no_state
 from daskdl.protocol import ProtocolError
 from daskdl.shards import (MergeEntry, Owner, ShardMap, Spec, check_sync, choose_sync,
                            join_states, specs_of, split_state)
 
-from .conftest import accuracy, init_mlp, loss_fn
+from .conftest import init_mlp, loss_fn
 from .test_policies_cluster import train
 
 

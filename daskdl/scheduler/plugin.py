@@ -32,6 +32,7 @@ from ..shards import MergeEntry
 from ..tree import check_like
 from .membership import publish
 from .run import RunState
+from .stats import divergences
 
 logger = logging.getLogger("daskdl")
 
@@ -412,7 +413,7 @@ class TrainingPlugin(SchedulerPlugin):
         rank = None if msg.get("rank") is None else protocol.int_field(msg, "rank", 0, 1_000_000)
         if st.sharded:
             return self._sharded_params(st, rank)
-        out = ok(params=to_serialize(st.leaves), version=st.version,
+        out = ok(params=st.params_msg(), version=st.version,
                  state=to_serialize(st.state) if st.state else None,
                  steps=st.global_steps(max(st.steps_at) if rank is None
                                        else st.membership.clocks.get(rank, 0)))
@@ -438,6 +439,9 @@ class TrainingPlugin(SchedulerPlugin):
                  merges=st.merges_msg())
         if rank is not None and st.owner_state is not None:
             out["policy_state"] = to_serialize(st.owner_state)
+            st.owner_state_sent.add(rank)
+            if st.owner_state_sent >= set(st.members):  # every owner has its piece
+                st.owner_state, st.owner_state_sent = None, set()
         restore = st.restore.pop(rank, None) if rank is not None else None
         if restore is not None:
             if restore.get("params") is not None:
@@ -539,9 +543,22 @@ class TrainingPlugin(SchedulerPlugin):
         state = self._model_state(st, req)
         st.count_steps(req.clock, req.steps)
         try:
-            check_like(leaves, st.leaves, what=f"update of worker rank {req.rank}")
+            if st.nbytes > INLINE_MERGE_BYTES:  # finiteness reads every byte: in a thread
+                await _in_thread(functools.partial(check_like, leaves, st.leaves,
+                                                   what=f"update of worker rank {req.rank}"))
+                if st.aborted:
+                    return _aborted(st)
+                if not st.membership.current(req.gen, req.rank):
+                    return SyncReply(Status.REPLAN, st.version).to_msg()
+                if st.membership.clocks.get(req.rank) != req.clock or \
+                        st.barrier.is_waiting(req.rank):
+                    raise ProtocolError(f"rank {req.rank} sent round {req.clock} twice")
+            else:
+                check_like(leaves, st.leaves, what=f"update of worker rank {req.rank}")
             if state is not None:
                 check_like(state, st.state, what=f"model state of worker rank {req.rank}")
+        except ProtocolError:
+            raise
         except DaskDLError as e:
             return await self._reject(st, req.rank, req.clock, str(e))
         arrived = time.time()
@@ -671,6 +688,8 @@ class TrainingPlugin(SchedulerPlugin):
         new = st.replies.pop(req.rank, st.leaves)
         same = len(new) == len(leaves) and all(a is b for a, b in zip(new, leaves))
         st.stats.replied(req.rank, waited, 0 if same else sum(x.nbytes for x in new))
+        if not same and new is st.leaves:
+            new = st.params_msg()  # serialized once for every rank of this version
         return SyncReply(Status.OK, st.version, params=None if same else new,
                          waited=waited, state=st.state or None,
                          steps=st.global_steps(req.clock + 1)).to_msg()
@@ -697,7 +716,7 @@ class TrainingPlugin(SchedulerPlugin):
             await self._merge_group(st, clock)
         st.release()
         return SyncReply(Status.REJECTED, st.version,
-                         params=None if st.sharded else st.leaves, reason=why,
+                         params=None if st.sharded else st.params_msg(), reason=why,
                          state=st.state or None, steps=st.global_steps(clock + 1),
                          merges=tuple(st.merges_msg()) if st.sharded else ()).to_msg()
 
@@ -723,8 +742,7 @@ class TrainingPlugin(SchedulerPlugin):
             st.state = state_mean(contributions) or st.state
             for c in contributions:
                 st.membership.done[c.rank] = max(st.membership.done.get(c.rank, 0), clock + 1)
-            st.stats.merged(contributions, clock, st.version, [], "sharded",
-                            time.perf_counter() - t0)
+            st.stats.merged(contributions, clock, st.version, time.perf_counter() - t0)
             self._checkpoint(st)
             return
         try:
@@ -740,8 +758,13 @@ class TrainingPlugin(SchedulerPlugin):
         st.version += 1
         for c in contributions:
             st.membership.done[c.rank] = max(st.membership.done.get(c.rank, 0), clock + 1)
-        st.stats.merged(contributions, clock, st.version, st.leaves, st.policy.sends,
-                        time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        divergence = None
+        if st.stats.divergence_due():  # reads every byte: off the event loop when large
+            args = (contributions, st.leaves, st.policy.sends)
+            divergence = (await _in_thread(divergences, *args) if _large(contributions)
+                          else divergences(*args))
+        st.stats.merged(contributions, clock, st.version, seconds, divergence)
         self._checkpoint(st)
 
     @staticmethod
@@ -749,7 +772,7 @@ class TrainingPlugin(SchedulerPlugin):
         """Run the policy's merge and check its result is shaped like the parameters."""
         args = (st.policy_state, st.leaves, contributions,
                 SyncInfo(st.version, tuple(sorted(st.members))))
-        if sum(x.nbytes for c in contributions for x in c.leaves) > INLINE_MERGE_BYTES:
+        if _large(contributions):
             merged = Merged(*await _in_thread(st.policy.merge, *args))
         else:
             merged = Merged(*st.policy.merge(*args))
@@ -757,6 +780,11 @@ class TrainingPlugin(SchedulerPlugin):
         for r, rep in (merged.replies or {}).items():
             check_like(rep, st.leaves, what=f"{st.policy.name} reply to rank {r}")
         return merged
+
+
+def _large(contributions: list) -> bool:
+    """Whether work over ``contributions`` runs in a thread, off the event loop."""
+    return sum(x.nbytes for c in contributions for x in c.leaves) > INLINE_MERGE_BYTES
 
 
 def get_plugin(scheduler) -> TrainingPlugin | None:

@@ -79,6 +79,18 @@ class RunState:
         self.start_version = version  # version the generation starts from
         self.source: str | None = None  # a worker holding it (None: the fit's init data)
         self.owner_state = None  # policy state handed to the owners (resume), then None
+        self.owner_state_sent: set = set()  # ranks that got it
+        self._serialized = None  # (version, the params serialized once)
+
+    def params_msg(self):
+        """The global parameters serialized once per version (a ``Serialized``): every
+        reply of a merge carries the same frames instead of serializing them again."""
+        from distributed.protocol.serialize import Serialized, serialize_and_split
+
+        if self._serialized is None or self._serialized[0] != self.version:
+            header, frames = serialize_and_split(self.leaves)
+            self._serialized = (self.version, Serialized(header, frames))
+        return self._serialized[1]
 
     @property
     def sharded(self) -> bool:
@@ -184,7 +196,7 @@ class RunState:
         keep what dashboards read."""
         self.ended = time.time()
         self.leaves, self.policy_state, self.replies, self.restore = [], None, {}, {}
-        self.log, self.owner_state = [], None
+        self.log, self.owner_state, self._serialized = [], None, None
         self.state = []
         self.barrier.clear()
         if self.cut is not None:

@@ -47,6 +47,23 @@ def norm_of_difference(a: list, b: list) -> float:
     return float(np.sqrt(total))
 
 
+def divergences(contributions: list[Contribution], leaves: list, sends: str) -> dict:
+    """``rank -> ||theta_rank - theta_global||`` (policies sending deltas: the size of
+    the delta); reads every byte, so the plugin runs it in a thread for large models."""
+    out = {}
+    for c in contributions:
+        if c.leaves is None:  # sharded: the worker sent the norm with its arrival
+            continue
+        if sends != "params":
+            d = norm_of_difference(c.leaves, [np.zeros_like(x) for x in c.leaves])
+        elif all(a is b for a, b in zip(c.leaves, leaves)):
+            d = 0.0
+        else:
+            d = norm_of_difference(c.leaves, leaves)
+        out[c.rank] = finite(d)
+    return out
+
+
 class Stats:
     """Counters and history of one run.
 
@@ -119,27 +136,24 @@ class Stats:
                 self.ranks[rank] = rank_stats(address)
         self.event("regroup", generation=gen, clock=clock, members=dict(members))
 
-    def merged(self, contributions: list[Contribution], clock: int, version: int,
-               leaves: list, sends: str, seconds: float) -> None:
-        """Record a merge: time, loss, history, and (at most once a second) divergence
-        of each contributor (policies sending deltas: the size of its delta)."""
-        self.merge_seconds += seconds
-        divergence = {}
+    def divergence_due(self) -> bool:
+        """Whether the next merge measures divergence (at most once a second: it reads
+        every byte of every contribution)."""
         now = time.monotonic()
         if now - self._divergence_at >= DIVERGENCE_EVERY_S:
             self._divergence_at = now
-            for c in contributions:
-                if c.leaves is None:  # sharded: the worker sent the norm with its arrival
-                    continue
-                if sends != "params":
-                    d = norm_of_difference(c.leaves, [np.zeros_like(x) for x in c.leaves])
-                elif all(a is b for a, b in zip(c.leaves, leaves)):
-                    d = 0.0
-                else:
-                    d = norm_of_difference(c.leaves, leaves)
-                divergence[c.rank] = finite(d)
-                if c.rank in self.ranks:
-                    self.ranks[c.rank]["divergence"] = divergence[c.rank]
+            return True
+        return False
+
+    def merged(self, contributions: list[Contribution], clock: int, version: int,
+               seconds: float, divergence: dict | None = None) -> None:
+        """Record a merge: time, loss, history, and the ``divergence`` measured for it
+        (:func:`divergences`), if any."""
+        self.merge_seconds += seconds
+        divergence = divergence or {}
+        for rank, d in divergence.items():
+            if rank in self.ranks:
+                self.ranks[rank]["divergence"] = d
         weighted = [(c.loss, c.samples) for c in contributions if finite(c.loss) is not None]
         if weighted:
             self.loss = finite(sum(lo * n for lo, n in weighted)
