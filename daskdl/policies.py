@@ -26,6 +26,13 @@ A contribution carries the worker's parameters after its local steps
 (``sends="params"``) or the change over the round (``sends="delta"``: local params
 minus the params the round started from), as flat lists of numpy leaves.
 
+With ``Trainer(sync="sharded")`` the same ``merge`` runs on each shard's owner (a
+worker), once per shard: ``global_leaves`` and every contribution's ``leaves`` are
+then one raveled piece of every leaf (1-D arrays, in leaf order), and ``state`` is
+``init`` of those pieces.  An elementwise merge (every preset; any optax optimizer in
+:func:`outer_step`) needs no change and gives the same bits as on the scheduler; a
+merge that needs whole leaves or the whole model must run with ``sync="scheduler"``.
+
 Everything here runs without a cluster::
 
     state = policy.init(leaves)

@@ -70,12 +70,15 @@ def test_diloco_with_outer_sgd_1_equals_bsp(client2, digits):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("sync", ["scheduler", "sharded"])
-@pytest.mark.parametrize("policy,epochs", [
-    (ddl.BSP(every=4), 20), (ddl.SSP(every=4, staleness=2), 20),
-    (ddl.Async(every=4), 30),  # its 1/(1+staleness) scale halves each update with 2 workers
-    (ddl.EASGD(every=4, alpha=0.25), 20), (ddl.DiLoCo(every=4), 20)],
-    ids=["BSP", "SSP", "Async", "EASGD", "DiLoCo"])
+_PRESETS = [("BSP", ddl.BSP(every=4), 20), ("SSP", ddl.SSP(every=4, staleness=2), 20),
+            # Async's 1/(1+staleness) scale halves each update with 2 workers
+            ("Async", ddl.Async(every=4), 30),
+            ("EASGD", ddl.EASGD(every=4, alpha=0.25), 20), ("DiLoCo", ddl.DiLoCo(every=4), 20)]
+
+
+@pytest.mark.parametrize("policy,epochs,sync", [
+    pytest.param(p, e, sync, id=f"{name}-{sync}") for name, p, e in _PRESETS
+    for sync in ("scheduler", "sharded")])
 def test_every_preset_trains_digits_to_95_percent(client2, digits, policy, epochs, sync):
     _, acc, info, tr = train(client2, digits, policy, epochs=epochs, sync=sync)
     assert acc >= 0.95, (policy.name, sync, acc)

@@ -293,7 +293,7 @@ def test_scheduler_memory_does_not_grow_with_the_model_when_sharded(tmp_path):
                 t = threading.Thread(target=sample)
                 t.start()
                 try:
-                    tr.fit(ds, epochs=2, verbose=False)
+                    tr.fit(ds, epochs=1, verbose=False)
                 finally:
                     stop.set()
                     t.join()
@@ -301,7 +301,7 @@ def test_scheduler_memory_does_not_grow_with_the_model_when_sharded(tmp_path):
             growth = (peak[0] - base) / 2**20
             print(f"scheduler RSS growth {growth:.1f} MB; {moved / 2**20:.0f} MB moved "
                   "between workers")
-            assert moved > 4 * 100e6  # the model's bytes did move, between the workers
+            assert moved > 2 * 100e6  # the model's bytes did move, between the workers
             assert growth < 64, growth
     finally:
         for p in workers + [sched]:
@@ -309,9 +309,7 @@ def test_scheduler_memory_does_not_grow_with_the_model_when_sharded(tmp_path):
 
 
 # -- overlap: round r + 1 computes while round r syncs ------------------------------------------
-@pytest.mark.parametrize("policy", [ddl.BSP(every=4), ddl.Async(every=4),
-                                    ddl.EASGD(every=4, alpha=0.25)],
-                         ids=["BSP", "Async", "EASGD"])
+@pytest.mark.parametrize("policy", [ddl.BSP(every=4), ddl.Async(every=4)], ids=["BSP", "Async"])
 def test_overlapped_rounds_train_as_well_and_the_last_round_syncs(client2, digits, policy):
     epochs = 30 if policy.name == "Async" else 20
     params, acc, info, tr = train(client2, digits, policy, epochs=epochs, sync="sharded",
