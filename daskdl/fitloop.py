@@ -254,7 +254,6 @@ class FitLoop:
                                            hash=False)
             except (OSError, ValueError):  # the client cannot reach the workers
                 self.init = self.c.scatter(list(leaves), broadcast=True, hash=False)
-            self.init_ranks: set = set()
         self.call(protocol.START, **params,
                   policy=to_serialize(self.cfg.policy), members=self._members_msg(),
                   timeout=self.cfg.sync_timeout, clock=self.first_clock, version=version,
@@ -347,9 +346,8 @@ class FitLoop:
         key = (f"{protocol.ROUND_PREFIX}-{self.cfg.run}-{first.epoch}-{first.round}-{rank}"
                f"{suffix}")
         kwargs = {}
-        if self.cfg.sharded and self.gen == 0 and rank not in self.init_ranks:
-            kwargs["init"] = self.init  # the first task of each rank: the fit's params
-            self.init_ranks.add(rank)
+        if self.cfg.sharded and self.gen == 0:  # the fit's params, already on every worker
+            kwargs["init"] = self.init  # (used by whichever round of the rank runs first)
         with dask.annotate(workers=[addr], allow_other_workers=False, priority=-first.clock):
             d = dask.delayed(run_rounds, pure=False)(specs, chunks if blocks else (),
                                                      *blocks, dask_key_name=key, **kwargs)

@@ -465,11 +465,22 @@ class Replica(WorkerPlugin):
                 rejoin()
         return SyncReply.from_msg(reply)
 
-    def sync_sharded(self, spec: RoundSpec, leaves: list, samples: int, loss: float,
-                     compute_s: float, state) -> SyncReply:
+    def sync_sharded(self, spec: RoundSpec, *args) -> SyncReply:
         """Sharded: send shard ``j`` of the update to its owner, tell the plugin,
         then gather the merged shards of the version it answers (see
-        :mod:`daskdl.shards`)."""
+        :mod:`daskdl.shards`).  With ``spec.secede`` (chunks from a Dask graph) the
+        round leaves the thread pool for all of it: an owner may be waiting for a
+        chunk this worker must compute before it can take this round's pieces."""
+        if not spec.secede:
+            return self._sync_sharded(spec, *args)
+        secede()
+        try:
+            return self._sync_sharded(spec, *args)
+        finally:
+            rejoin()
+
+    def _sync_sharded(self, spec: RoundSpec, leaves: list, samples: int, loss: float,
+                      compute_s: float, state) -> SyncReply:
         ex = self.exchange
         smap, members = ex.map, spec.members
         t0 = time.perf_counter()
@@ -510,15 +521,8 @@ class Replica(WorkerPlugin):
                           transfer=t_put - t0 + last.get("gather_s", 0.0), raw=raw,
                           received=last.get("bytes_received", 0),
                           merge=max(merge_s - last.get("owner_merge_s", merge_s), 0.0))
-        if spec.secede:  # graph sources: the thread pool stays free while it waits
-            secede()
-        try:
-            with context_meter.meter("daskdl-sync"):
-                reply = SyncReply.from_msg(self._call(protocol.SYNC,
-                                                      **req.to_msg(self._secret)))
-        finally:
-            if spec.secede:
-                rejoin()
+        with context_meter.meter("daskdl-sync"):
+            reply = SyncReply.from_msg(self._call(protocol.SYNC, **req.to_msg(self._secret)))
         if reply.status not in (Status.OK, Status.REJECTED):
             return reply
         t_gather = time.perf_counter()
@@ -742,8 +746,7 @@ def run_rounds(specs: tuple, chunks: tuple, *blocks, init=None) -> list[dict]:
     width = len(specs[0].names)
     by_chunk = {c: blocks[i * width:(i + 1) * width] for i, c in enumerate(chunks)}
     return [replica.run_round(spec, tuple(a for c in spec.chunks for a in by_chunk.get(c, ())),
-                              init=init if i == 0 else None)
-            for i, spec in enumerate(specs)]
+                              init=init) for spec in specs]
 
 
 # -- evaluation and prediction on workers ------------------------------------------------
