@@ -565,13 +565,18 @@ class TrainingPlugin(SchedulerPlugin):
         await self._arrive(st, req, leaves, opt_state, state)
         if st.aborted:
             return _aborted(st)
+        await self._wait_barrier(st, req)
+        return self._answer(st, req, leaves, time.time() - arrived)
+
+    async def _wait_barrier(self, st: RunState, req: SyncRequest) -> None:
+        """Wait until the policy lets ``req.rank`` go on; abort the run after twice
+        ``daskdl.sync-timeout`` (the ranks it waited for count as lost after once)."""
         event = st.barrier.enter(req.rank, st.membership.clocks.get(req.rank, req.clock + 1))
         st.release()
         if not await st.barrier.wait(req.rank, event, st.timeout,
                                      lambda: self._drop_silent(st, req)):
             st.abort(f"worker rank {req.rank} waited {2 * st.timeout:g}s after round "
                      f"{req.clock}; raise daskdl.sync-timeout if rounds are that slow")
-        return self._answer(st, req, leaves, time.time() - arrived)
 
     async def _sync_sharded(self, st: RunState, req: SyncRequest) -> dict:
         """``daskdl_sync`` of a sharded run: the update went to the shard owners; the
@@ -597,12 +602,7 @@ class TrainingPlugin(SchedulerPlugin):
         await self._arrive(st, req, None, opt_state, state)
         if st.aborted:
             return _aborted(st)
-        event = st.barrier.enter(req.rank, st.membership.clocks.get(req.rank, req.clock + 1))
-        st.release()
-        if not await st.barrier.wait(req.rank, event, st.timeout,
-                                     lambda: self._drop_silent(st, req)):
-            st.abort(f"worker rank {req.rank} waited {2 * st.timeout:g}s after round "
-                     f"{req.clock}; raise daskdl.sync-timeout if rounds are that slow")
+        await self._wait_barrier(st, req)
         if st.aborted:
             return _aborted(st)
         if st.membership.done.get(req.rank, 0) <= req.clock or req.gen != st.gen:
