@@ -66,7 +66,8 @@ class FitConfig:
     checkpoint_every: int | None = None
     checkpoint_key: object = field(default=None, repr=False)  # a key handle (client side)
     faults: dict = field(default_factory=dict)  # rank -> (slowdown, NaN clocks | "all")
-    rounds_per_task: int = 1
+    rounds_per_task: int | None = 1  # None: "auto", tasks of about task_seconds
+    task_seconds: float = 0.5
     sharded: bool = False  # sync="sharded" (daskdl.shards)
     compression: str | None = None
     overlap: bool = False  # sharded: round r + 1 computes while round r syncs
@@ -75,7 +76,7 @@ class FitConfig:
     def tasks_ahead(self) -> int:
         """Tasks in flight per worker: ``rounds_ahead`` rounds, at least two tasks (one
         running, the next queued on the worker)."""
-        return max(2, -(-self.rounds_ahead // self.rounds_per_task))
+        return max(2, -(-self.rounds_ahead // (self.rounds_per_task or AUTO_FIRST)))
 
     def faults_for(self, rank: int, clock: int) -> Faults | None:
         """Fault injection for a round (only under config ``daskdl.testing``)."""
@@ -178,6 +179,10 @@ class Members:
             self.changed.clear()
 
 
+AUTO_FIRST = 4  # rounds per task before a round's time is known ("auto")
+AUTO_MAX = 64  # most rounds per task under "auto"
+
+
 class FitLoop:
     """One call of :meth:`daskdl.Trainer.fit` (see the module docstring)."""
 
@@ -206,6 +211,9 @@ class FitLoop:
         self.meta_sent: set = set()
         self.regroups = self.samples_seen = 0
         self.wake = threading.Event()  # set when a round's future is done
+        self.per_task = cfg.rounds_per_task or AUTO_FIRST
+        self.finished_at: dict = {}  # (generation, rank) -> when its last task finished
+        self.round_s: dict = {}  # rank -> estimated wall seconds per round
         self.t_fit = self.t_epoch = time.perf_counter()
         fit_start = int(resume["meta"]["fit_start"]) if resume is not None else start.epoch
         self.fit_start, self.end_epoch = fit_start, fit_start + int(epochs)
@@ -295,7 +303,7 @@ class FitLoop:
     def build_queues(self) -> None:
         """Per-rank queues of this generation's rounds, and the checkpoint clocks."""
         self.queues = schedule.RoundQueues(self.entries, len(self.workers),
-                                           self.cfg.tasks_ahead, self.cfg.rounds_per_task)
+                                           self.cfg.tasks_ahead, self.per_task)
         # each rank's last round of the generation (an overlapped sync must end there)
         self.last_clock = {r: q[-1][2] for r, q in self.queues.queue.items() if q}
         self.ckpt_clocks = ({} if self.cfg.checkpoint is None else
@@ -314,11 +322,10 @@ class FitLoop:
         return meta
 
     # -- rounds ----------------------------------------------------------------------
-    def round_spec(self, i: int, rank: int, k: int, clock: int) -> RoundSpec:
-        """What round ``k`` of entry ``i`` is for worker ``rank``."""
+    def round_spec(self, i: int, rank: int, k: int, clock: int, segs: list) -> RoundSpec:
+        """What round ``k`` of entry ``i`` (its ``segs``) is for worker ``rank``."""
         en = self.entries[i]
         plan = en.plan
-        segs = plan.round_segments(rank, k)
         reader = self.source.reader
         return RoundSpec(
             run=self.cfg.run, fit=self.start_at.fit_id, gen=self.gen, epoch=en.label,
@@ -338,7 +345,10 @@ class FitLoop:
         """The task running ``rounds`` (``(entry, round, clock)``, consecutive) of worker
         ``rank`` (a Delayed), and its info.  Its key names its first round:
         ``daskdl-round-<run>-<epoch>-<round>-<rank>``."""
-        specs = tuple(self.round_spec(i, rank, k, clock) for i, k, clock in rounds)
+        segments = {clock: self.entries[i].plan.round_segments(rank, k)
+                    for i, k, clock in rounds}
+        specs = protocol.RoundBatch(self.round_spec(i, rank, k, clock, segments[clock])
+                                    for i, k, clock in rounds)
         chunks = tuple(dict.fromkeys(c for sp in specs for c in sp.chunks))
         addr, first = self.workers[rank], specs[0]
         blocks = self.source.round_inputs(self.c, chunks, addr, first.clock)
@@ -351,8 +361,6 @@ class FitLoop:
         with dask.annotate(workers=[addr], allow_other_workers=False, priority=-first.clock):
             d = dask.delayed(run_rounds, pure=False)(specs, chunks if blocks else (),
                                                      *blocks, dask_key_name=key, **kwargs)
-        segments = {sp.clock: self.entries[i].plan.round_segments(rank, k)
-                    for sp, (i, k, _) in zip(specs, rounds)}
         return d, {"gen": self.gen, "rank": rank, "segments": segments,
                    "labels": [sp.epoch for sp in specs]}
 
@@ -442,6 +450,26 @@ class FitLoop:
         self.close_epochs()
         return True
 
+    def adapt(self, info: dict) -> None:
+        """Under ``rounds-per-task: auto``, size the next tasks to last about
+        ``daskdl.task-seconds``: the time between two finished tasks of a rank (its
+        window keeps a next task queued on the worker) over their rounds estimates a
+        round's wall time.  A task's cost on the scheduler and the client does not
+        depend on its rounds, so short rounds go in long tasks."""
+        if self.cfg.rounds_per_task is not None:
+            return
+        now, rank = time.perf_counter(), info["rank"]
+        prev = self.finished_at.get((info["gen"], rank))
+        self.finished_at[(info["gen"], rank)] = now
+        if prev is None:  # the rank's first task of a generation (compiles, starts)
+            return
+        per_round = (now - prev) / max(1, len(info["labels"]))
+        old = self.round_s.get(rank)
+        self.round_s[rank] = per_round if old is None else 0.5 * (old + per_round)
+        typical = float(np.median(list(self.round_s.values())))
+        self.per_task = int(min(AUTO_MAX, max(1, round(self.cfg.task_seconds / typical))))
+        self.queues.per_task = self.per_task
+
     def handle(self, info: dict) -> bool:
         """A round's future is done; True if it finished (and counts)."""
         fut = info["future"]
@@ -449,6 +477,7 @@ class FitLoop:
             return False
         if fut.status == "finished":
             self.queues.finished(info["rank"], info["labels"])
+            self.adapt(info)
             self.unreported[fut.key] = info
             self.bar.update(len(info["labels"]))
             return True

@@ -733,11 +733,13 @@ def _entry(m):
     return MergeEntry.from_msg(m)
 
 
-def run_rounds(specs: tuple, chunks: tuple, *blocks, init=None) -> list[dict]:
-    """The body of a ``daskdl-round-...`` task: consecutive rounds ``specs`` of one
-    rank on this worker.  ``blocks`` hold one array per name for each of ``chunks``
+def run_rounds(specs, chunks: tuple, *blocks, init=None) -> list[dict]:
+    """The body of a ``daskdl-round-...`` task: consecutive rounds ``specs`` (a
+    :class:`~daskdl.protocol.RoundBatch` or a sequence of specs) of one rank on this
+    worker.  ``blocks`` hold one array per name for each of ``chunks``
     (none when the worker reads the store itself).  Returns each round's metrics."""
     worker = get_worker()
+    specs = tuple(specs)
     run = specs[0].run
     replica = worker.plugins.get(replica_name(run))
     if replica is None:

@@ -218,7 +218,8 @@ class Trainer:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rounds_ahead = max(1, int(config.get("rounds-ahead", rounds_ahead)))
-        self.rounds_per_task = max(1, int(config.get("rounds-per-task")))
+        self.rounds_per_task = _rounds_per_task(config.get("rounds-per-task"))
+        self.task_seconds = config.get_seconds("task-seconds")
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
         self.max_rejections = int(config.get("max-rejections"))
         self._faults = _faults_from_config()
@@ -466,7 +467,7 @@ class Trainer:
         return FitConfig(
             run=self.run, secret=self._secret, policy=self.policy, batch_size=self.batch_size,
             seed=self.seed, rounds_ahead=self.rounds_ahead, sync_timeout=self.sync_timeout,
-            rounds_per_task=self.rounds_per_task,
+            rounds_per_task=self.rounds_per_task, task_seconds=self.task_seconds,
             min_workers=self.min_workers, max_rejections=self.max_rejections,
             checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
             checkpoint_key=self.checkpoint_key,
@@ -679,6 +680,20 @@ def _progress_bar(total: int, verbose: bool):
 
     return tqdm(total=total, unit="round", desc="daskdl fit", disable=not verbose,
                 leave=False)
+
+
+def _rounds_per_task(value) -> int | None:
+    """``daskdl.rounds-per-task``: a positive int, or ``"auto"`` (``None``)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(n) != str(value).strip():
+        raise ValueError(f"daskdl.rounds-per-task must be 'auto' or a positive integer, "
+                         f"not {value!r}")
+    return n
 
 
 def _faults_from_config() -> dict:

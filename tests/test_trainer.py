@@ -1,5 +1,6 @@
 """End-to-end training on real process clusters, with real JAX compilation."""
 
+import dask
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +97,8 @@ def test_same_seed_same_cluster_size_is_bit_identical(client2, digits):
 def test_fit_history_coverage_rounds_and_tasks(client2, digits):
     x, y = digits
     ds = ddl.Dataset.from_arrays(x=x, y=y, chunk_size=150)
-    with get_task_stream(client=client2) as ts:
+    with get_task_stream(client=client2) as ts, \
+            dask.config.set({"daskdl.rounds-per-task": 4}):
         with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
                          policy=ddl.BSP(every=5), batch_size=32, client=client2) as tr:
             hist = tr.fit(ds, epochs=2)
@@ -118,9 +120,7 @@ def test_fit_history_coverage_rounds_and_tasks(client2, digits):
         last[r["worker"]] = r["compiles"]
     assert set(last.values()) == {2 if steps % 5 else 1}
     # rounds run as named tasks of rounds-per-task rounds, pinned to their rank's worker
-    import dask
-
-    per, R = dask.config.get("daskdl.rounds-per-task"), hist[0]["rounds"]
+    per, R = 4, hist[0]["rounds"]
     keys = {}
     for t in ts.data:
         if str(t["key"]).startswith("daskdl-round-"):
