@@ -14,7 +14,12 @@ coordination.  For each (N, E):
   the fit minus the same process's idle CPU over an equal time just before);
 * the number of workers one scheduler core can coordinate at 1, 4 and 10 rounds/s per
   worker (1000 ms / scheduler ms per worker-round / rate);
-* whether the fit stalled (a worker lost, a generation change, or rounds missing).
+* whether the fit stalled (a worker lost, a generation change, or rounds missing);
+* the floor: scheduler CPU ms per plain Dask RPC from each worker to a handler that
+  sends back what it got (the model's parameters each way, like a sync), measured on
+  the same scheduler right after the fit, and the ratio of the two.  One sync per
+  worker-round is what a round needs; the floor is what Dask's comm layer costs for
+  one on this machine.
 
 A first fit compiles and warms up; the second is measured.  Medians of ``--repeats``.
 ``--profile DIR`` runs the scheduler under cProfile and profiles the client's measured
@@ -133,15 +138,39 @@ def measure(n: int, every: int, rounds: int, profile: str | None) -> dict:
             wall = time.perf_counter() - t0
             ds_, dc = cpu(sp) - s0 - idle_s * wall, cpu(me) - c0 - idle_c * wall
             info = tr.info()
+            leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(tr.params)]
+        floor = rpc_floor(client, sp, leaves, max(100, rounds))
         worker_rounds = sum(h["rounds"] for h in hist) * n
         expected = epochs * 50 * n
         stalled = info["generation"] != 0 or bool(info["lost"]) or worker_rounds != expected
         sched_ms = 1e3 * ds_ / worker_rounds
         return {"rounds_s": worker_rounds / wall, "sched_ms": sched_ms,
                 "client_ms": 1e3 * dc / worker_rounds, "stalled": stalled,
-                "gap": epoch_gaps(info["history"])}
+                "gap": epoch_gaps(info["history"]), "floor_ms": floor}
     finally:
         stop_cluster(sched, workers, client)
+
+
+def _echo(dask_scheduler=None):
+    """Install a scheduler handler that answers with what it got (the floor)."""
+    dask_scheduler.handlers["daskdl_bench_echo"] = lambda comm=None, x=None: {"x": x}
+
+
+async def _echo_loop(dask_worker=None, leaves=None, n=0):
+    from distributed.protocol.serialize import to_serialize
+
+    for _ in range(n):
+        await dask_worker.scheduler.daskdl_bench_echo(x=to_serialize(leaves))
+    return n
+
+
+def rpc_floor(client, sched: psutil.Process, leaves: list, n: int) -> float:
+    """Scheduler CPU ms per echo RPC carrying ``leaves`` each way, every worker at once."""
+    client.run_on_scheduler(_echo)
+    client.run(_echo_loop, leaves=leaves, n=20)  # connections, warm-up
+    c0 = cpu(sched)
+    calls = sum(client.run(_echo_loop, leaves=leaves, n=n).values())
+    return 1e3 * (cpu(sched) - c0) / calls
 
 
 def epoch_gaps(history: list) -> float:
@@ -174,16 +203,19 @@ def main() -> None:
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
     print(f"{'N':>4} {'every':>5} {'rounds/s':>9} {'sched ms':>9} {'client ms':>9} "
-          f"{'N@1/s':>7} {'N@4/s':>7} {'N@10/s':>7} {'gap':>5} stalled")
+          f"{'N@1/s':>7} {'N@4/s':>7} {'N@10/s':>7} {'gap':>5} {'floor ms':>8} {'/floor':>6} "
+          "stalled")
     for n in a.workers:
         for every in a.every:
             runs = [measure(n, every, a.rounds, a.profile) for _ in range(a.repeats)]
             med = {k: statistics.median(r[k] for r in runs)
-                   for k in ("rounds_s", "sched_ms", "client_ms", "gap")}
+                   for k in ("rounds_s", "sched_ms", "client_ms", "gap", "floor_ms")}
             cap = [1000.0 / max(med["sched_ms"], 1e-6) / rate for rate in (1, 4, 10)]
             print(f"{n:>4} {every:>5} {med['rounds_s']:>9.0f} {med['sched_ms']:>9.2f} "
                   f"{med['client_ms']:>9.2f} {cap[0]:>7.0f} {cap[1]:>7.0f} {cap[2]:>7.0f} "
-                  f"{med['gap']:>5.2f} {sum(r['stalled'] for r in runs)}/{len(runs)}",
+                  f"{med['gap']:>5.2f} {med['floor_ms']:>8.2f} "
+                  f"{med['sched_ms'] / med['floor_ms']:>6.2f} "
+                  f"{sum(r['stalled'] for r in runs)}/{len(runs)}",
                   flush=True)
     if a.profile:
         for name in ("scheduler", "client"):

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import optax
+import pytest
 
 import daskdl as ddl
 
@@ -29,3 +30,49 @@ def test_no_bubble_at_epoch_boundaries(client2, digits):
     boundary = [t[c] - t[c - 1] for c in sorted(t) if c % R == 0 and c - 1 in t]
     assert len(boundary) == 5
     assert float(np.median(boundary)) < 2 * typical, (boundary, typical)
+
+
+def test_auto_rounds_per_task_grows_tasks_for_short_rounds(client2, digits):
+    """Under ``rounds-per-task: auto`` (the default) short rounds go in long tasks:
+    far fewer round tasks than rounds, every round still run, merged once in order
+    and reported (its metrics, its coverage)."""
+    import dask
+    from distributed import get_task_stream
+
+    x, y = digits
+    ds = ddl.Dataset.from_arrays(x=x[:1024], y=y[:1024], chunk_size=128)
+    assert dask.config.get("daskdl.rounds-per-task") == "auto"
+    with get_task_stream(client=client2) as ts, \
+            dask.config.set({"daskdl.task-seconds": "0.3s"}):
+        with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.05),
+                         policy=ddl.BSP(every=1), batch_size=16, client=client2) as tr:
+            hist = tr.fit(ds, epochs=8, verbose=False)
+            history = tr.info()["history"]
+            rounds = list(tr.rounds)
+            coverage = tr.coverage
+    R = 1024 // 2 // 16  # rounds per epoch and worker
+    assert [h["rounds"] for h in hist] == [R] * 8
+    merges = [h["clock"] for h in history if h["kind"] == "merge"]
+    assert merges == list(range(8 * R))
+    assert sorted((r["rank"], r["clock"]) for r in rounds) == \
+        [(rank, c) for rank in range(2) for c in range(8 * R)]
+    assert all(sum(c.values()) == 1024 for c in coverage.values())
+    tasks = {t["key"] for t in ts.data if str(t["key"]).startswith("daskdl-round-")}
+    # the first tasks hold 4 rounds; once a round's time is known (~ms here) they grow
+    assert len(tasks) < 2 * 8 * R / 8, len(tasks)
+
+
+def test_rounds_per_task_config_is_checked():
+    import dask
+
+    from daskdl.trainer import _rounds_per_task
+
+    assert _rounds_per_task("auto") is None and _rounds_per_task(None) is None
+    assert _rounds_per_task(16) == 16 and _rounds_per_task("3") == 3
+    for bad in (0, -2, "many", 2.5):
+        with pytest.raises(ValueError, match="rounds-per-task must be 'auto' or a positive"):
+            _rounds_per_task(bad)
+    with dask.config.set({"daskdl.rounds-per-task": "lots"}):
+        with pytest.raises(ValueError, match="not 'lots'"):
+            ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.05),
+                        batch_size=16, client=None)
