@@ -19,10 +19,16 @@ from ..policies import Contribution, Policy
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
+    if event.is_set():  # the last arrival of a merge: released already
         return True
-    except asyncio.TimeoutError:
+    try:
+        if hasattr(asyncio, "timeout"):  # Python >= 3.11: no task per wait (wait_for's)
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        else:
+            await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except (TimeoutError, asyncio.TimeoutError):
         return False
 
 
