@@ -455,8 +455,11 @@ class FitLoop:
         ``daskdl.task-seconds``: the time between two finished tasks of a rank (its
         window keeps a next task queued on the worker) over their rounds estimates a
         round's wall time.  A task's cost on the scheduler and the client does not
-        depend on its rounds, so short rounds go in long tasks."""
-        if self.cfg.rounds_per_task is not None:
+        depend on its rounds, so short rounds go in long tasks.  With callbacks, tasks
+        keep ``AUTO_FIRST`` rounds: a callback sees rounds as their tasks finish, and a
+        callback that acts during training (stops it, scales the cluster) expects to be
+        called soon after each round."""
+        if self.cfg.rounds_per_task is not None or self.callbacks:
             return
         now, rank = time.perf_counter(), info["rank"]
         prev = self.finished_at.get((info["gen"], rank))

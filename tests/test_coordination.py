@@ -50,6 +50,9 @@ def test_auto_rounds_per_task_grows_tasks_for_short_rounds(client2, digits):
             history = tr.info()["history"]
             rounds = list(tr.rounds)
             coverage = tr.coverage
+            seen = []  # with a callback, tasks keep 4 rounds (called soon after each)
+            tr.fit(ds, epochs=1, verbose=False, callbacks=[seen.append])
+            run = tr.run
     R = 1024 // 2 // 16  # rounds per epoch and worker
     assert [h["rounds"] for h in hist] == [R] * 8
     merges = [h["clock"] for h in history if h["kind"] == "merge"]
@@ -58,6 +61,9 @@ def test_auto_rounds_per_task_grows_tasks_for_short_rounds(client2, digits):
         [(rank, c) for rank in range(2) for c in range(8 * R)]
     assert all(sum(c.values()) == 1024 for c in coverage.values())
     tasks = {t["key"] for t in ts.data if str(t["key"]).startswith("daskdl-round-")}
+    last = {k for k in tasks if k.startswith(f"daskdl-round-{run}-8-")}
+    assert len(seen) == 2 * R and len(last) == 2 * (R // 4), sorted(last)
+    tasks -= last
     # the first tasks hold 4 rounds; once a round's time is known (~ms here) they grow
     assert len(tasks) < 2 * 8 * R / 8, len(tasks)
 
