@@ -605,15 +605,6 @@ class RoundBatch:
     def __init__(self, specs):
         self.specs = tuple(specs)
 
-    def __getstate__(self):
-        return self.specs
-
-    def __setstate__(self, specs):
-        self.specs = specs
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
     def __iter__(self):
         return iter(self.specs)
 

@@ -220,6 +220,9 @@ class Trainer:
         self.rounds_ahead = max(1, int(config.get("rounds-ahead", rounds_ahead)))
         self.rounds_per_task = _rounds_per_task(config.get("rounds-per-task"))
         self.task_seconds = config.get_seconds("task-seconds")
+        if not self.task_seconds > 0:
+            raise ValueError(f"daskdl.task-seconds must be a positive duration such as "
+                             f"'0.5s', not {config.get('task-seconds')!r}")
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
         self.max_rejections = int(config.get("max-rejections"))
         self._faults = _faults_from_config()

@@ -82,3 +82,7 @@ def test_rounds_per_task_config_is_checked():
         with pytest.raises(ValueError, match="not 'lots'"):
             ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.05),
                         batch_size=16, client=None)
+    with dask.config.set({"daskdl.task-seconds": "0s"}):
+        with pytest.raises(ValueError, match="task-seconds must be a positive duration"):
+            ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.05),
+                        batch_size=16, client=None)
