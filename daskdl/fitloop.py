@@ -42,7 +42,9 @@ from distributed.protocol.serialize import to_serialize
 
 from . import config, protocol, schedule
 from .errors import DaskDLError, RoundDiscarded, SyncAborted
+from .policies import all_arrived
 from .protocol import Faults, LeaveReason, MemberEvent, RoundSpec
+from .relay import group_size, relay_groups
 from .replica import run_rounds
 from .workerenv import worker_info
 
@@ -71,6 +73,7 @@ class FitConfig:
     sharded: bool = False  # sync="sharded" (daskdl.shards)
     compression: str | None = None
     overlap: bool = False  # sharded: round r + 1 computes while round r syncs
+    relay_group: object = "auto"  # daskdl.relay-group: "auto" or an int (1: no relays)
 
     @property
     def tasks_ahead(self) -> int:
@@ -304,12 +307,20 @@ class FitLoop:
         """Per-rank queues of this generation's rounds, and the checkpoint clocks."""
         self.queues = schedule.RoundQueues(self.entries, len(self.workers),
                                            self.cfg.tasks_ahead, self.per_task)
+        self.relays = relay_groups(self.workers, self.relay_size())
         # each rank's last round of the generation (an overlapped sync must end there)
         self.last_clock = {r: q[-1][2] for r, q in self.queues.queue.items() if q}
         self.ckpt_clocks = ({} if self.cfg.checkpoint is None else
                             schedule.checkpoint_clocks(self.entries, self.cfg.checkpoint_every))
         self.bar.total = self.bar.n + self.queues.queued
         self.bar.refresh()
+
+    def relay_size(self) -> int:
+        """Workers per relay group this generation (:mod:`daskdl.relay`; 1: none)."""
+        policy = self.cfg.policy
+        lockstep = policy.group and policy.barrier is all_arrived and not self.cfg.sharded
+        nbytes = sum(np.asarray(x).nbytes for x in self.start_leaves)
+        return group_size(self.cfg.relay_group, len(self.workers), nbytes, lockstep)
 
     def checkpoint_meta(self, K: int) -> dict:
         """What the plugin writes with the checkpoint cut at clock ``K``."""
@@ -339,7 +350,9 @@ class FitLoop:
             faults=self.cfg.faults_for(rank, clock), secede=self.source.kind == "graph",
             members=tuple(self.workers) if self.cfg.sharded else (),
             compression=self.cfg.compression, overlap=self.cfg.overlap,
-            last=clock == self.last_clock.get(rank))
+            last=clock == self.last_clock.get(rank),
+            relay=self.relays[rank][0] if rank in self.relays else None,
+            group=self.relays[rank][1] if rank in self.relays else ())
 
     def round_task(self, rank: int, rounds: list):
         """The task running ``rounds`` (``(entry, round, clock)``, consecutive) of worker

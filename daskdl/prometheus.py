@@ -23,6 +23,9 @@ name                                        type     meaning
 ``daskdl_run_generation``                   gauge    re-plans so far (workers left or joined)
 ``daskdl_run_checkpoints_total``            counter  checkpoints written
 ``daskdl_run_merge_seconds_total``          counter  time the scheduler spent merging
+``daskdl_run_sync_messages_total``          counter  scheduler messages carrying syncs (one
+                                                     per direct sync or relayed batch)
+``daskdl_run_relayed_syncs_total``          counter  syncs that came in a relay's batch
 ``daskdl_worker_clock``                     gauge    rounds the worker finished
 ``daskdl_worker_staleness``                 gauge    rounds behind the fastest worker
 ``daskdl_worker_rounds_total``              counter  rounds synchronised
@@ -73,6 +76,8 @@ run_rejected_updates       counter rejected      Worker updates refused (NaN/Inf
 run_generation             gauge   generation    Re-plans so far: workers left or joined
 run_checkpoints            counter checkpoints   Checkpoints written
 run_merge_seconds          counter merge_seconds Seconds the scheduler spent merging
+run_sync_messages          counter sync_messages Scheduler messages carrying syncs: one per direct sync or relayed batch
+run_relayed_syncs          counter relayed_syncs Syncs that reached the scheduler in a relay's batch of its group's syncs
 """)
 WORKER_METRICS = _table("""
 worker_clock               gauge   clock         Rounds the worker finished

@@ -51,6 +51,7 @@ DASHBOARD_EXTENSION = "daskdl-dashboard"
 
 START = "daskdl_start"
 SYNC = "daskdl_sync"
+SYNC_GROUP = "daskdl_sync_group"  # a relay's batch of its group's syncs (daskdl.relay)
 PARAMS = "daskdl_params"
 FREEZE = "daskdl_freeze"
 REGROUP = "daskdl_regroup"
@@ -238,8 +239,10 @@ def load(obj, limit: int | None = None, what: str = "payload"):
     With ``limit``, a payload larger than ``limit`` bytes is refused before it is
     deserialized.
     """
-    from distributed.protocol.serialize import Serialized, merge_and_deserialize
+    from distributed.protocol.serialize import Serialize, Serialized, merge_and_deserialize
 
+    if isinstance(obj, Serialize):  # wrapped in this process, never sent
+        obj = obj.data
     if limit is not None and payload_nbytes(obj) > limit:
         raise ProtocolError(f"{what} of {payload_nbytes(obj)} bytes is larger than the "
                             f"{limit} bytes expected")
@@ -289,6 +292,7 @@ class SyncRequest:
     raw: int = 0  # bytes those would have been uncompressed
     received: int = 0  # bytes gathered from shard owners in the round before
     merge: float = 0.0  # seconds this worker's shard owner spent merging since its last sync
+    resent: bool = False  # sent again after its relay failed: answer it if counted already
 
     @classmethod
     def from_msg(cls, msg: Mapping) -> "SyncRequest":
@@ -306,7 +310,8 @@ class SyncRequest:
                    transfer=float_field(msg, "transfer", 0.0, lo=0.0, hi=1e9),
                    raw=int_field(msg, "raw", 0, 2**50, default=0),
                    received=int_field(msg, "received", 0, 2**50, default=0),
-                   merge=float_field(msg, "merge", 0.0, lo=0.0, hi=1e9))
+                   merge=float_field(msg, "merge", 0.0, lo=0.0, hi=1e9),
+                   resent=bool_field(msg, "resent", False))
 
     def to_msg(self, secret: str) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -577,6 +582,8 @@ class RoundSpec:
     compression: str | None = None  # sync="sharded": how updates travel (None, bf16, int8)
     overlap: bool = False  # sync="sharded": the next round computes while this one syncs
     last: bool = False  # the rank's last round of the generation (an overlapped sync ends)
+    relay: str | None = None  # the worker relaying this rank's syncs (daskdl.relay); None: direct
+    group: tuple = ()  # the ranks whose syncs that relay sends together
 
     @property
     def sharded(self) -> bool:

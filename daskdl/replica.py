@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from distributed import get_worker, rejoin, secede
+from distributed.comm.core import CommClosedError
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.metrics import context_meter
 from distributed.protocol.serialize import to_serialize
@@ -178,13 +179,14 @@ class Replica(WorkerPlugin):
         self.exchange = None
         self.overlapped = None  # (spec, future, state before, params sent) of a background sync
         self._pool = None
+        self.relay = None  # relays its group's syncs when this worker is a relay
         self.timings: dict = {}
         self.feedback: dict = {}  # (shards, shard) -> ErrorFeedback (compressed updates)
 
     def __getstate__(self):
         d = dict(self.__dict__)
         for k in ("worker", "train_steps", "state", "order", "reader", "mesh", "exchange",
-                  "overlapped", "_pool"):
+                  "overlapped", "_pool", "relay"):
             d[k] = None
         d["feedback"] = {}
         return d
@@ -194,9 +196,13 @@ class Replica(WorkerPlugin):
         self.order, self.reader = RoundOrder(), ChunkReader()
 
     def setup(self, worker):
+        from . import relay
+
         self.worker = worker
         self.mesh = DeviceMesh.local(self.shard_params)
         quiet_round_failures()
+        relay.install(worker)
+        self.relay = relay.Relay(worker, self.run, self._secret)
         if self.sharded:
             from .compression import decompress
             from .exchange import Exchange, install
@@ -459,11 +465,35 @@ class Replica(WorkerPlugin):
         try:
             # Dask's fine performance metrics: activity "daskdl-sync" under daskdl-round
             with context_meter.meter("daskdl-sync"):
-                reply = self._call(protocol.SYNC, **req.to_msg(self._secret))
+                reply = self._relayed(spec, req) if spec.relay is not None else None
+                if reply is None:  # direct, or its relay failed: to the scheduler
+                    if spec.relay is not None:
+                        req = dataclasses.replace(req, resent=True)
+                    reply = self._call(protocol.SYNC, **req.to_msg(self._secret))
         finally:
             if spec.secede:
                 rejoin()
         return SyncReply.from_msg(reply)
+
+    def _relayed(self, spec: RoundSpec, req: SyncRequest) -> dict | None:
+        """Send ``req`` through the group's relay (:mod:`daskdl.relay`); ``None`` when
+        the relay could not deliver it (``req`` is then marked ``resent``)."""
+        from .relay import RELAY_FAILED, RELAY_SYNC
+
+        msg = dict(req.to_msg(self._secret), group=spec.group, fit=spec.fit)
+
+        async def call():
+            if spec.relay == self.worker.address:  # this worker is the relay
+                return await self.worker.handlers[RELAY_SYNC](**msg)
+            return await getattr(self.worker.rpc(spec.relay), RELAY_SYNC)(**msg)
+
+        try:
+            reply = sync(self.worker.loop, call)
+        except (OSError, CommClosedError) as e:  # the relay left
+            logger.info("daskdl run %s: relay %s unreachable (%s); rank %d syncs with the "
+                        "scheduler", self.run, spec.relay, e, spec.rank)
+            return None
+        return None if reply.get("status") == RELAY_FAILED else reply
 
     def sync_sharded(self, spec: RoundSpec, *args) -> SyncReply:
         """Sharded: send shard ``j`` of the update to its owner, tell the plugin,

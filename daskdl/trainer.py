@@ -25,6 +25,7 @@ from .data import Dataset
 from .errors import DaskDLError, SyncAborted
 from .fitloop import FitConfig, FitLoop, FitResult, FitStart
 from .plan import make_plan
+from .relay import relay_group_setting
 from .policies import Policy, from_config
 from .replica import Replica, evaluate_chunk, predict_chunk, replica_name
 from .scheduler import TrainingPlugin
@@ -223,6 +224,7 @@ class Trainer:
         if not self.task_seconds > 0:
             raise ValueError(f"daskdl.task-seconds must be a positive duration such as "
                              f"'0.5s', not {config.get('task-seconds')!r}")
+        self.relay_group = relay_group_setting(config.get("relay-group"))
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
         self.max_rejections = int(config.get("max-rejections"))
         self._faults = _faults_from_config()
@@ -475,7 +477,7 @@ class Trainer:
             checkpoint=self.checkpoint, checkpoint_every=self.checkpoint_every,
             checkpoint_key=self.checkpoint_key,
             faults=self._faults, sharded=self.sync == "sharded", compression=self.compression,
-            overlap=self.overlap)
+            overlap=self.overlap, relay_group=self.relay_group)
 
     def _finish_fit(self, result: FitResult) -> None:
         """Apply what a fit did; fetch the global parameters; end the run on the

@@ -113,6 +113,7 @@ class TrainingPlugin(SchedulerPlugin):
         scheduler.handlers.update({
             protocol.START: self.start_run,
             protocol.SYNC: self.sync,
+            protocol.SYNC_GROUP: self.sync_group,
             protocol.PARAMS: self.get_params,
             protocol.FREEZE: self.freeze,
             protocol.REGROUP: self.regroup,
@@ -531,6 +532,47 @@ class TrainingPlugin(SchedulerPlugin):
         the parameters: dropped; start again from the global ``params``), ``replan``
         (the generation changed: the round is discarded) or ``aborted``."""
         st = self._run(msg)
+        st.stats.messages["direct"] += 1
+        return await self._sync(st, msg)
+
+    @handler
+    async def sync_group(self, **msg) -> dict:
+        """``daskdl_sync_group(run, secret, syncs)``: a relay's batch of the syncs of
+        its group's workers for one round (:mod:`daskdl.relay`), each a
+        ``daskdl_sync`` message without secret.  Each is checked, counted and waits
+        in the barrier exactly as a direct sync would; the reply holds one answer per
+        sync, in order (``refused`` for a malformed one), with parameters that are the
+        same for several answers sent once (``params``; those answers say
+        ``shared``)."""
+        st = self._run(msg)
+        syncs = msg.get("syncs")
+        if not isinstance(syncs, (list, tuple)) or not syncs or \
+                len(syncs) > len(st.members) or not all(isinstance(m, dict) for m in syncs):
+            raise ProtocolError("syncs must be a non-empty list of at most one sync message "
+                                "per member")
+        if len({m.get("rank") for m in syncs}) != len(syncs):
+            raise ProtocolError("a relayed batch holds one sync per rank")
+        st.stats.messages["batches"] += 1
+        st.stats.messages["relayed"] += len(syncs)
+
+        async def one(m: dict) -> dict:
+            try:
+                return await self._sync(st, dict(m, run=st.run))
+            except ProtocolError as e:
+                logger.debug("daskdl: relayed sync refused: %s", e)
+                return refused(str(e))
+
+        replies = await asyncio.gather(*(one(m) for m in syncs))
+        shared = None
+        for r in replies:  # parameters that several answers hold travel once
+            p = r.get("params")
+            if p is not None and (shared is None or p is shared):
+                shared = r["params"] = p
+                r["params"], r["shared"] = None, True
+        return ok(replies=list(replies), params=shared)
+
+    async def _sync(self, st: RunState, msg: dict) -> dict:
+        """One sync (direct or relayed) of run ``st``; ProtocolError for a malformed one."""
         with parsing("daskdl_sync"):
             req = SyncRequest.from_msg(msg)
         if st.aborted:
@@ -539,6 +581,9 @@ class TrainingPlugin(SchedulerPlugin):
             return SyncReply(Status.REPLAN, st.version).to_msg()
         if st.sharded:
             return await self._sync_sharded(st, req)
+        if req.resent and st.membership.clocks.get(req.rank) == req.clock + 1 and \
+                not st.barrier.is_waiting(req.rank):
+            return await self._answer_again(st, req)
         leaves, opt_state = self._accept(st, req)
         state = self._model_state(st, req)
         st.count_steps(req.clock, req.steps)
@@ -565,6 +610,15 @@ class TrainingPlugin(SchedulerPlugin):
         await self._arrive(st, req, leaves, opt_state, state)
         if st.aborted:
             return _aborted(st)
+        await self._wait_barrier(st, req)
+        return self._answer(st, req, leaves, time.time() - arrived)
+
+    async def _answer_again(self, st: RunState, req: SyncRequest) -> dict:
+        """A sync its relay delivered before failing, sent again by its worker: counted
+        once already, it waits for its barrier again and gets its answer."""
+        with parsing("daskdl_sync params"):
+            leaves = protocol.leaves_field(req.params, st.nbytes, f"update of rank {req.rank}")
+        arrived = time.time()
         await self._wait_barrier(st, req)
         return self._answer(st, req, leaves, time.time() - arrived)
 

@@ -83,6 +83,8 @@ class Stats:
         self.rejected = 0
         self.merge_seconds = 0.0
         self.loss: float | None = None
+        # scheduler messages carrying syncs: direct ones, relays' batches and their syncs
+        self.messages = {"direct": 0, "batches": 0, "relayed": 0}
         self._divergence_at = -1e9
 
     def _rank(self, rank: int, address: str) -> dict:
@@ -177,4 +179,6 @@ class Stats:
         samples = sum(s["samples"] for s in self.ranks.values())
         return {"samples": samples, "samples_per_s": samples / max(now - started, 1e-9),
                 "loss": self.loss, "rejected": self.rejected,
-                "merge_seconds": self.merge_seconds, "ranks": per_rank}
+                "merge_seconds": self.merge_seconds,
+                "sync_messages": self.messages["direct"] + self.messages["batches"],
+                "relayed_syncs": self.messages["relayed"], "ranks": per_rank}
