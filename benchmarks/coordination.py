@@ -1,7 +1,7 @@
 """What coordinating a round costs the scheduler and the client, per worker-round.
 
     python benchmarks/coordination.py [--workers 2 8 16] [--every 1 4] [--repeats 3]
-                                      [--rounds 200] [--profile DIR]
+                                      [--relay-group auto 1] [--rounds 200] [--profile DIR]
 
 Starts a standalone scheduler process (``dask scheduler``) and N light workers
 (``dask worker --nthreads 1 --no-nanny``, XLA on one thread), and trains a tiny model
@@ -9,6 +9,11 @@ Starts a standalone scheduler process (``dask scheduler``) and N light workers
 ``BSP(every=E)``: compute is a fraction of a millisecond, so what is measured is
 coordination.  For each (N, E):
 
+* ``relay``: config ``daskdl.relay-group`` (``auto``, the default: groups of
+  ``ceil(sqrt(N))`` workers from 4 workers on send their syncs through a relay, one
+  scheduler message per group and round; ``1``: every worker syncs with the
+  scheduler itself) and ``msgs/wr``, scheduler messages carrying syncs per
+  worker-round;
 * worker-rounds/s over the whole measured fit (all workers together);
 * scheduler CPU ms and client CPU ms per worker-round (psutil, process CPU time during
   the fit minus the same process's idle CPU over an equal time just before);
@@ -22,7 +27,8 @@ coordination.  For each (N, E):
   one on this machine.
 
 A first fit compiles and warms up; the second is measured.  Medians of ``--repeats``.
-``--profile DIR`` runs the scheduler under cProfile and profiles the client's measured
+``--profile DIR`` profiles the scheduler's event loop (cProfile, started and stopped on
+the scheduler) and the client during the measured fit only
 fit too, and prints the top functions by cumulative time of each.
 """
 
@@ -40,6 +46,7 @@ import subprocess
 import sys
 import time
 
+import dask
 import jax
 import numpy as np
 import optax
@@ -72,10 +79,7 @@ def _env() -> dict:
 def start_cluster(n: int, profile: str | None):
     port = _free_port()
     addr = f"tcp://127.0.0.1:{port}"
-    cmd = [sys.executable]
-    if profile:
-        cmd += ["-m", "cProfile", "-o", os.path.join(profile, "scheduler.prof")]
-    cmd += ["-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+    cmd = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
             str(port), "--dashboard-address", ":0", "--no-show"]
     sched = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -105,7 +109,7 @@ def cpu(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
-def measure(n: int, every: int, rounds: int, profile: str | None) -> dict:
+def measure(n: int, every: int, rounds: int, profile: str | None, relay="auto") -> dict:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -119,7 +123,7 @@ def measure(n: int, every: int, rounds: int, profile: str | None) -> dict:
     sp, me = psutil.Process(sched.pid), psutil.Process()
     try:
         ds = ddl.Dataset.from_arrays(x=x, y=y, chunk_size=BATCH * every * 10)
-        with ddl.Trainer(loss_fn, _digits.init_mlp(jax.random.PRNGKey(0), (64, 32, 10)),
+        with dask.config.set({"daskdl.relay-group": relay}), ddl.Trainer(loss_fn, _digits.init_mlp(jax.random.PRNGKey(0), (64, 32, 10)),
                          optax.sgd(0.05), policy=ddl.BSP(every=every), batch_size=BATCH,
                          client=client, sync_timeout=120) as tr:
             tr.fit(ds, epochs=1, verbose=False)  # start-up and compilation
@@ -130,14 +134,17 @@ def measure(n: int, every: int, rounds: int, profile: str | None) -> dict:
             prof = cProfile.Profile() if profile else None
             s0, c0, t0 = cpu(sp), cpu(me), time.perf_counter()
             if prof:
+                client.run_on_scheduler(_profile, None)
                 prof.enable()
             hist = tr.fit(ds, epochs=epochs, verbose=False)
             if prof:
                 prof.disable()
                 prof.dump_stats(os.path.join(profile, "client.prof"))
+                client.run_on_scheduler(_profile, os.path.join(profile, "scheduler.prof"))
             wall = time.perf_counter() - t0
             ds_, dc = cpu(sp) - s0 - idle_s * wall, cpu(me) - c0 - idle_c * wall
             info = tr.info()
+            msgs = info["metrics"]["sync_messages"]
             leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(tr.params)]
         floor = rpc_floor(client, sp, leaves, max(100, rounds))
         worker_rounds = sum(h["rounds"] for h in hist) * n
@@ -146,9 +153,22 @@ def measure(n: int, every: int, rounds: int, profile: str | None) -> dict:
         sched_ms = 1e3 * ds_ / worker_rounds
         return {"rounds_s": worker_rounds / wall, "sched_ms": sched_ms,
                 "client_ms": 1e3 * dc / worker_rounds, "stalled": stalled,
-                "gap": epoch_gaps(info["history"]), "floor_ms": floor}
+                "gap": epoch_gaps(info["history"]), "floor_ms": floor,
+                "msgs": msgs / worker_rounds}  # each fit is a run of its own
     finally:
         stop_cluster(sched, workers, client)
+
+
+def _profile(path, dask_scheduler=None):
+    """On the scheduler: start profiling its event loop (``path=None``), or stop and
+    write the profile to ``path``."""
+    if path is None:
+        dask_scheduler._daskdl_bench_profile = prof = cProfile.Profile()
+        prof.enable()
+    else:
+        prof = dask_scheduler._daskdl_bench_profile
+        prof.disable()
+        prof.dump_stats(path)
 
 
 def _echo(dask_scheduler=None):
@@ -197,26 +217,28 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[2, 8, 16])
     p.add_argument("--every", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--relay-group", nargs="+", default=["auto"],
+                   help="config daskdl.relay-group values to compare (auto, 1: no relays, an int)")
     p.add_argument("--rounds", type=int, default=200, help="rounds per worker measured")
     p.add_argument("--profile", default=None, help="directory for cProfile outputs")
     a = p.parse_args()
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
-    print(f"{'N':>4} {'every':>5} {'rounds/s':>9} {'sched ms':>9} {'client ms':>9} "
+    print(f"{'N':>4} {'every':>5} {'relay':>5} {'msgs/wr':>7} {'rounds/s':>9} {'sched ms':>9} {'client ms':>9} "
           f"{'N@1/s':>7} {'N@4/s':>7} {'N@10/s':>7} {'gap':>5} {'floor ms':>8} {'/floor':>6} "
           "stalled")
     for n in a.workers:
         for every in a.every:
-            runs = [measure(n, every, a.rounds, a.profile) for _ in range(a.repeats)]
-            med = {k: statistics.median(r[k] for r in runs)
-                   for k in ("rounds_s", "sched_ms", "client_ms", "gap", "floor_ms")}
-            cap = [1000.0 / max(med["sched_ms"], 1e-6) / rate for rate in (1, 4, 10)]
-            print(f"{n:>4} {every:>5} {med['rounds_s']:>9.0f} {med['sched_ms']:>9.2f} "
-                  f"{med['client_ms']:>9.2f} {cap[0]:>7.0f} {cap[1]:>7.0f} {cap[2]:>7.0f} "
-                  f"{med['gap']:>5.2f} {med['floor_ms']:>8.2f} "
-                  f"{med['sched_ms'] / med['floor_ms']:>6.2f} "
-                  f"{sum(r['stalled'] for r in runs)}/{len(runs)}",
-                  flush=True)
+            for relay in a.relay_group:
+                runs = [measure(n, every, a.rounds, a.profile, relay) for _ in range(a.repeats)]
+                med = {k: statistics.median(r[k] for r in runs)
+                       for k in ("rounds_s", "sched_ms", "client_ms", "gap", "floor_ms", "msgs")}
+                cap = [1000.0 / max(med["sched_ms"], 1e-6) / rate for rate in (1, 4, 10)]
+                print(f"{n:>4} {every:>5} {relay:>5} {med['msgs']:>7.2f} {med['rounds_s']:>9.0f} "
+                      f"{med['sched_ms']:>9.2f} {med['client_ms']:>9.2f} {cap[0]:>7.0f} "
+                      f"{cap[1]:>7.0f} {cap[2]:>7.0f} {med['gap']:>5.2f} "
+                      f"{med['floor_ms']:>8.2f} {med['sched_ms'] / med['floor_ms']:>6.2f} "
+                      f"{sum(r['stalled'] for r in runs)}/{len(runs)}", flush=True)
     if a.profile:
         for name in ("scheduler", "client"):
             path = os.path.join(a.profile, f"{name}.prof")

@@ -67,7 +67,7 @@ class FitConfig:
     checkpoint: object = None
     checkpoint_every: int | None = None
     checkpoint_key: object = field(default=None, repr=False)  # a key handle (client side)
-    faults: dict = field(default_factory=dict)  # rank -> (slowdown, NaN clocks | "all")
+    faults: dict = field(default_factory=dict)  # rank -> (slowdown, NaN clocks, relay clocks)
     rounds_per_task: int | None = 1  # None: "auto", tasks of about task_seconds
     task_seconds: float = 0.5
     sharded: bool = False  # sync="sharded" (daskdl.shards)
@@ -85,8 +85,9 @@ class FitConfig:
         """Fault injection for a round (only under config ``daskdl.testing``)."""
         if rank not in self.faults:
             return None
-        slowdown, nan_at = self.faults[rank]
-        return Faults(slowdown=slowdown, send_nan=nan_at == "all" or clock in nan_at)
+        slowdown, nan_at, lose_at = self.faults[rank]
+        return Faults(slowdown=slowdown, send_nan=nan_at == "all" or clock in nan_at,
+                      lose_relay_reply=lose_at == "all" or clock in lose_at)
 
 
 @dataclass

@@ -537,11 +537,14 @@ class Faults:
     """Fault injection for tests and benchmarks (config ``daskdl.testing``), never
     set otherwise: ``slowdown`` makes the round's compute that many times slower
     (a straggler; a round is taken to compute for at least ``SLOWDOWN_FLOOR_S``, so
-    the factor shows over scheduling noise), ``send_nan`` replaces the update by NaN."""
+    the factor shows over scheduling noise), ``send_nan`` replaces the update by NaN,
+    ``lose_relay_reply`` has the relay fail the sync after the scheduler counted it
+    (as a relay dying then would), so that the worker sends it again."""
 
     SLOWDOWN_FLOOR_S = 0.01
     slowdown: float = 1.0
     send_nan: bool = False
+    lose_relay_reply: bool = False
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,11 @@ def relay_groups(workers: tuple, size: int) -> dict[int, tuple[str, tuple]]:
     if size < 2 or len(workers) < 2:
         return {}
     order = sorted(range(len(workers)), key=lambda r: (urlparse(workers[r]).hostname or "", r))
-    n_groups = -(-len(order) // size)
+    n, n_groups = len(order), -(-len(order) // size)
+    cut = [-(-g * n // n_groups) for g in range(n_groups + 1)]  # sizes equal +-1, larger first
     out = {}
-    for g in range(n_groups):  # groups of equal size (+-1), in host order
-        ranks = tuple(order[g * len(order) // n_groups:(g + 1) * len(order) // n_groups])
+    for g in range(n_groups):  # in host order
+        ranks = tuple(order[cut[g]:cut[g + 1]])
         for r in ranks if len(ranks) > 1 else ():  # alone: straight to the scheduler
             out[r] = (workers[ranks[0]], ranks)
     return out
@@ -206,12 +207,16 @@ def _dispatch(worker):
                           for r in msg.get("group") or ())
             key = (protocol.int_field(msg, "fit"), protocol.int_field(msg, "gen"),
                    protocol.int_field(msg, "clock"))
-            sync = {k: v for k, v in msg.items() if k not in ("secret", "group", "fit")}
+            lose = protocol.bool_field(msg, "lose_reply", False)  # fault injection (tests)
+            sync = {k: v for k, v in msg.items()
+                    if k not in ("secret", "group", "fit", "lose_reply")}
             sync["rank"] = protocol.int_field(msg, "rank", 0, 1_000_000)
             if sync["rank"] not in group:
                 raise ProtocolError(f"rank {sync['rank']} is not in the relay group {group}")
             try:
                 reply = await relay.submit(sync, group, key)
+                if lose:
+                    raise RelayFailed("the reply was lost (daskdl.testing.lose-relay-reply)")
             except RelayFailed as e:
                 return {"status": RELAY_FAILED, "reason": str(e)}
             return _serializable(reply)

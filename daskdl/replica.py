@@ -481,6 +481,8 @@ class Replica(WorkerPlugin):
         from .relay import RELAY_FAILED, RELAY_SYNC
 
         msg = dict(req.to_msg(self._secret), group=spec.group, fit=spec.fit)
+        if spec.faults is not None and spec.faults.lose_relay_reply:  # tests only
+            msg["lose_reply"] = True
 
         async def call():
             if spec.relay == self.worker.address:  # this worker is the relay

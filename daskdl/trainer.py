@@ -702,9 +702,15 @@ def _rounds_per_task(value) -> int | None:
 
 
 def _faults_from_config() -> dict:
-    """``{rank: (slowdown, NaN clocks | "all")}`` from config ``daskdl.testing``
-    (simulated stragglers and bad updates for tests and benchmarks)."""
+    """``{rank: (slowdown, NaN clocks | "all", lost relay reply clocks)}`` from config
+    ``daskdl.testing`` (simulated stragglers, bad updates and failing relays for tests
+    and benchmarks)."""
+    def clocks(v):
+        return v if v == "all" else frozenset(int(c) for c in v)
+
     slow = {int(k): float(v) for k, v in (config.get("testing.slowdown") or {}).items()}
-    nan = {int(k): (v if v == "all" else frozenset(int(c) for c in v))
-           for k, v in (config.get("testing.send-nan") or {}).items()}
-    return {r: (slow.get(r, 1.0), nan.get(r, frozenset())) for r in set(slow) | set(nan)}
+    nan = {int(k): clocks(v) for k, v in (config.get("testing.send-nan") or {}).items()}
+    lose = {int(k): clocks(v)
+            for k, v in (config.get("testing.lose-relay-reply") or {}).items()}
+    return {r: (slow.get(r, 1.0), nan.get(r, frozenset()), lose.get(r, frozenset()))
+            for r in set(slow) | set(nan) | set(lose)}
