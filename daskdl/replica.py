@@ -48,6 +48,7 @@ from distributed.utils import sync
 
 from . import protocol
 from .errors import DaskDLError, RoundDiscarded, SyncAborted, TrainingDiverged
+from .packing import Packing, packed
 from .plan import chunk_permutation, round_permutation
 from .protocol import RoundSpec, Status, SyncReply, SyncRequest
 from .sources import ChunkReader
@@ -180,13 +181,14 @@ class Replica(WorkerPlugin):
         self.overlapped = None  # (spec, future, state before, params sent) of a background sync
         self._pool = None
         self.relay = None  # relays its group's syncs when this worker is a relay
+        self.packing = None  # the layout of this model's leaves in one buffer
         self.timings: dict = {}
         self.feedback: dict = {}  # (shards, shard) -> ErrorFeedback (compressed updates)
 
     def __getstate__(self):
         d = dict(self.__dict__)
         for k in ("worker", "train_steps", "state", "order", "reader", "mesh", "exchange",
-                  "overlapped", "_pool", "relay"):
+                  "overlapped", "_pool", "relay", "packing"):
             d[k] = None
         d["feedback"] = {}
         return d
@@ -291,6 +293,8 @@ class Replica(WorkerPlugin):
         return reply
 
     def _set_params(self, leaves, version: int, fresh: bool = False) -> None:
+        if packed(leaves):  # the global params as one buffer (this worker sent one)
+            leaves = self.packing.unpack(leaves, "global parameters")
         # copied to the device now, so that the copy counts in sync, not in the next compute
         # (device_put aliases an aligned numpy buffer on the CPU: no copy at all)
         params = jax.block_until_ready(self.template.trainable([jax.device_put(leaf)
@@ -456,6 +460,10 @@ class Replica(WorkerPlugin):
         model_state = None
         if self.state_template is not None:  # sent with every contribution
             model_state = to_serialize(flatten(state.state)[0])
+        if len(leaves) > 1:  # one buffer: the scheduler handles one array, not a list
+            if self.packing is None:
+                self.packing = Packing(leaves)
+            leaves = self.packing.pack(leaves)
         req = SyncRequest(run=self.run, rank=spec.rank, clock=spec.clock, gen=spec.gen,
                           samples=samples, version=self.version, params=to_serialize(leaves),
                           loss=loss, compute=compute_s, opt_state=opt_state,

@@ -18,6 +18,7 @@ from distributed.utils_test import gen_cluster
 
 import daskdl as ddl
 from daskdl.dashboard import DashboardPlugin
+from daskdl.packing import Packing
 from daskdl.protocol import StartRequest, SyncRequest
 from daskdl.scheduler import TrainingPlugin, get_plugin
 
@@ -120,6 +121,24 @@ def malformed(k: int) -> list:
     for params in ("abc", [1, 2, 3], {"a": 1}, None, 5, KeyError, to_serialize("abc"),
                    to_serialize({"a": np.zeros(3)})):
         sync(params=params)
+    # packed payloads (daskdl.packing: one uint8 buffer): wrong size, dtype or shape
+    packing = Packing(leaves(1.0))
+    buf = packing.pack(leaves(1.0))
+    for params in (buf[:-1], buf.view(np.float32), buf.reshape(2, -1),
+                   np.concatenate([buf, buf]), np.zeros(0, np.uint8)):
+        sync(params=to_serialize(params))
+    # relayed batches (daskdl_sync_group): unauthenticated, malformed, or of bad syncs
+    inner = {key: v for key, v in ok_sync.items() if key != "secret"}
+
+    def group(answers=nope, **kw):
+        out.append(("daskdl_sync_group", dict(dict(run="r", secret=SECRET), **kw), answers))
+
+    for secret in ("wrong", None, 5):
+        group(secret=secret, syncs=[inner])
+    for syncs in ("abc", [], [1, 2], None, [inner] * 3, [inner, inner], [inner, "x"]):
+        group(syncs=syncs)
+    group({"OK"}, syncs=[dict(inner, clock=k + 5), dict(inner, rank=0, clock=k)])
+    group({"OK"}, syncs=[dict(inner, params=to_serialize(buf[:-3])), dict(inner, rank=7)])
     # counters
     for samples in (MAX_SAMPLES + 1, 10**12, -1, "10", None, 2.5):
         sync(samples=samples)
@@ -221,7 +240,7 @@ async def test_fuzz_every_handler_leaves_the_run_as_the_legitimate_sequence_does
     assert len(sent) >= 200 and set(sent) >= {
         "daskdl_start", "daskdl_sync", "daskdl_params", "daskdl_freeze", "daskdl_regroup",
         "daskdl_checkpoint_meta", "daskdl_checkpoint_flush", "daskdl_abort", "daskdl_end",
-        "daskdl_info", "daskdl_locations"}
+        "daskdl_info", "daskdl_locations", "daskdl_sync_group"}
     assert set(plugin.runs) == {"ref", "r"} and not plugin.finished
     got, want = state_of(plugin.runs["r"]), state_of(plugin.runs["ref"])
     assert got == want and want["version"] == 3 and want["clocks"] == {0: 3, 1: 3}

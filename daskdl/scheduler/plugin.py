@@ -584,13 +584,13 @@ class TrainingPlugin(SchedulerPlugin):
         if req.resent and st.membership.clocks.get(req.rank) == req.clock + 1 and \
                 not st.barrier.is_waiting(req.rank):
             return await self._answer_again(st, req)
-        leaves, opt_state = self._accept(st, req)
+        leaves, opt_state, buf = self._accept(st, req)
         state = self._model_state(st, req)
         st.count_steps(req.clock, req.steps)
         try:
+            what = f"update of worker rank {req.rank}"
             if st.nbytes > INLINE_MERGE_BYTES:  # finiteness reads every byte: in a thread
-                await _in_thread(functools.partial(check_like, leaves, st.leaves,
-                                                   what=f"update of worker rank {req.rank}"))
+                await _in_thread(st.check_update, leaves, buf, what)
                 if st.aborted:
                     return _aborted(st)
                 if not st.membership.current(req.gen, req.rank):
@@ -599,7 +599,7 @@ class TrainingPlugin(SchedulerPlugin):
                         st.barrier.is_waiting(req.rank):
                     raise ProtocolError(f"rank {req.rank} sent round {req.clock} twice")
             else:
-                check_like(leaves, st.leaves, what=f"update of worker rank {req.rank}")
+                st.check_update(leaves, buf, what)
             if state is not None:
                 check_like(state, st.state, what=f"model state of worker rank {req.rank}")
         except ProtocolError:
@@ -611,16 +611,16 @@ class TrainingPlugin(SchedulerPlugin):
         if st.aborted:
             return _aborted(st)
         await self._wait_barrier(st, req)
-        return self._answer(st, req, leaves, time.time() - arrived)
+        return self._answer(st, req, leaves, time.time() - arrived, buf is not None)
 
     async def _answer_again(self, st: RunState, req: SyncRequest) -> dict:
         """A sync its relay delivered before failing, sent again by its worker: counted
         once already, it waits for its barrier again and gets its answer."""
         with parsing("daskdl_sync params"):
-            leaves = protocol.leaves_field(req.params, st.nbytes, f"update of rank {req.rank}")
+            leaves, buf = st.load_update(req.params, f"update of rank {req.rank}")
         arrived = time.time()
         await self._wait_barrier(st, req)
-        return self._answer(st, req, leaves, time.time() - arrived)
+        return self._answer(st, req, leaves, time.time() - arrived, buf is not None)
 
     async def _wait_barrier(self, st: RunState, req: SyncRequest) -> None:
         """Wait until the policy lets ``req.rank`` go on; abort the run after twice
@@ -639,7 +639,7 @@ class TrainingPlugin(SchedulerPlugin):
         floor."""
         if req.params is not None:
             raise ProtocolError("a sharded run's daskdl_sync carries no params")
-        _, opt_state = self._accept(st, req)
+        _, opt_state, _ = self._accept(st, req)
         state = self._model_state(st, req)
         st.count_steps(req.clock, req.steps)
         if not req.finite:
@@ -667,9 +667,10 @@ class TrainingPlugin(SchedulerPlugin):
                          steps=st.global_steps(req.clock + 1),
                          merges=tuple(st.merges_msg())).to_msg()
 
-    def _accept(self, st: RunState, req: SyncRequest) -> tuple[list, list | None]:
-        """The update and optimizer state of ``req`` once its round, size and samples
-        are those the run expects (ProtocolError otherwise; nothing changed)."""
+    def _accept(self, st: RunState, req: SyncRequest) -> tuple[list, list | None, object]:
+        """The update, optimizer state and packed buffer (or ``None``) of ``req`` once
+        its round, size and samples are those the run expects (ProtocolError
+        otherwise; nothing changed)."""
         if st.barrier.is_waiting(req.rank):
             raise ProtocolError(f"rank {req.rank} already waits after a round")
         at = st.membership.clocks[req.rank]
@@ -678,17 +679,15 @@ class TrainingPlugin(SchedulerPlugin):
         if req.samples > st.max_samples:
             raise ProtocolError(f"{req.samples} samples in one round is more than the "
                                 f"{st.max_samples} a round holds")
-        if st.sharded:
-            leaves = None
-        else:
+        leaves = buf = None
+        if not st.sharded:
             with parsing("daskdl_sync params"):
-                leaves = protocol.leaves_field(req.params, st.nbytes,
-                                               f"update of rank {req.rank}")
+                leaves, buf = st.load_update(req.params, f"update of rank {req.rank}")
         if req.opt_state is None or st.cut is None or not st.cut.wants(req.clock + 1):
-            return leaves, None
+            return leaves, None, buf
         with parsing("daskdl_sync opt_state"):
             return leaves, protocol.leaves_field(req.opt_state, OPT_STATE_FACTOR * st.nbytes,
-                                                 f"optimizer state of rank {req.rank}")
+                                                 f"optimizer state of rank {req.rank}"), buf
 
     @staticmethod
     def _model_state(st: RunState, req: SyncRequest) -> list | None:
@@ -733,8 +732,10 @@ class TrainingPlugin(SchedulerPlugin):
                              f"waited after round {req.clock} under {st.policy.name} "
                              "(daskdl.sync-timeout)")
 
-    def _answer(self, st: RunState, req: SyncRequest, leaves: list, waited: float) -> dict:
-        """The reply to a sync that went through its barrier."""
+    def _answer(self, st: RunState, req: SyncRequest, leaves: list, waited: float,
+                packed: bool = False) -> dict:
+        """The reply to a sync that went through its barrier (the global params packed
+        in one buffer when the update came ``packed``)."""
         if st.aborted:
             return _aborted(st)
         if st.membership.done.get(req.rank, 0) <= req.clock or req.gen != st.gen:
@@ -743,7 +744,7 @@ class TrainingPlugin(SchedulerPlugin):
         same = len(new) == len(leaves) and all(a is b for a, b in zip(new, leaves))
         st.stats.replied(req.rank, waited, 0 if same else sum(x.nbytes for x in new))
         if not same and new is st.leaves:
-            new = st.params_msg()  # serialized once for every rank of this version
+            new = st.params_as(packed)  # serialized once for every rank of this version
         return SyncReply(Status.OK, st.version, params=None if same else new,
                          waited=waited, state=st.state or None,
                          steps=st.global_steps(req.clock + 1)).to_msg()

@@ -12,7 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
+from .. import protocol
 from ..checkpoint import CheckpointCut
+from ..errors import DaskDLError
+from ..packing import Packing
+from ..protocol import ProtocolError
+from ..tree import check_like
 from ..policies import Policy
 from .barrier import Barrier
 from .membership import Membership
@@ -47,6 +52,7 @@ class RunState:
         self.run, self.secret = run, secret
         self.leaves = leaves
         self.nbytes = sum(x.nbytes for x in leaves)  # the most a params payload may hold
+        self.packing = Packing(leaves) if leaves else None  # params as one buffer
         self.version = version
         self.policy = policy
         self.policy_state = policy.init(leaves) if policy_state is None else policy_state
@@ -85,12 +91,43 @@ class RunState:
     def params_msg(self):
         """The global parameters serialized once per version (a ``Serialized``): every
         reply of a merge carries the same frames instead of serializing them again."""
+        return self.params_as(False)
+
+    def params_as(self, packed: bool):
+        """:meth:`params_msg`, as one packed buffer (:mod:`daskdl.packing`) when
+        ``packed``: what a worker that sent its update packed gets back."""
         from distributed.protocol.serialize import Serialized, serialize_and_split
 
         if self._serialized is None or self._serialized[0] != self.version:
-            header, frames = serialize_and_split(self.leaves)
-            self._serialized = (self.version, Serialized(header, frames))
-        return self._serialized[1]
+            self._serialized = (self.version, {})
+        cache = self._serialized[1]
+        if packed not in cache:
+            obj = self.packing.pack(self.leaves) if packed else self.leaves
+            header, frames = serialize_and_split(obj)
+            cache[packed] = Serialized(header, frames)
+        return cache[packed]
+
+    def load_update(self, payload, what: str) -> tuple[list, object]:
+        """The leaves of an update as it arrived (a list of arrays, or one packed
+        buffer: then views of it, and the buffer for :meth:`check_update`); its size
+        is checked before it is loaded.  ProtocolError for anything else."""
+        from ..packing import packed
+
+        obj = protocol.load(payload, limit=max(self.nbytes, self.packing.nbytes) + 65536,
+                            what=what)
+        if packed(obj):
+            try:
+                return self.packing.unpack(obj, what), obj
+            except DaskDLError as e:
+                raise ProtocolError(str(e)) from None
+        return protocol.leaves_field(obj, self.nbytes, what), None
+
+    def check_update(self, leaves: list, buf, what: str) -> None:
+        """DaskDLError unless the update is shaped like the params and finite (a
+        packed one is shaped by construction: one finiteness check per dtype)."""
+        if buf is not None and self.packing.finite(buf):
+            return
+        check_like(leaves, self.leaves, what=what)
 
     @property
     def sharded(self) -> bool:
