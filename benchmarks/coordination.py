@@ -1,11 +1,13 @@
 """What coordinating a round costs the scheduler and the client, per worker-round.
 
     python benchmarks/coordination.py [--workers 2 8 16] [--every 1 4] [--repeats 3]
-                                      [--relay-group auto 1] [--rounds 200] [--profile DIR]
+                                      [--relay-group auto 1] [--depth 1] [--rounds 200]
+                                      [--profile DIR]
 
 Starts a standalone scheduler process (``dask scheduler``) and N light workers
 (``dask worker --nthreads 1 --no-nanny``, XLA on one thread), and trains a tiny model
-(the digits MLP 64-32-10, batch 32) from this process as the client, with
+(the digits MLP 64-32-10, batch 32; ``--depth D``: D hidden layers of 32, 2(D+1)
+parameter leaves, for the cost that grows with a model's number of leaves) from this process as the client, with
 ``BSP(every=E)``: compute is a fraction of a millisecond, so what is measured is
 coordination.  For each (N, E):
 
@@ -109,7 +111,8 @@ def cpu(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
-def measure(n: int, every: int, rounds: int, profile: str | None, relay="auto") -> dict:
+def measure(n: int, every: int, rounds: int, profile: str | None, relay="auto",
+            depth: int = 1) -> dict:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -123,9 +126,11 @@ def measure(n: int, every: int, rounds: int, profile: str | None, relay="auto") 
     sp, me = psutil.Process(sched.pid), psutil.Process()
     try:
         ds = ddl.Dataset.from_arrays(x=x, y=y, chunk_size=BATCH * every * 10)
-        with dask.config.set({"daskdl.relay-group": relay}), ddl.Trainer(loss_fn, _digits.init_mlp(jax.random.PRNGKey(0), (64, 32, 10)),
-                         optax.sgd(0.05), policy=ddl.BSP(every=every), batch_size=BATCH,
-                         client=client, sync_timeout=120) as tr:
+        sizes = (64,) + (32,) * depth + (10,)
+        with dask.config.set({"daskdl.relay-group": relay}), \
+                ddl.Trainer(loss_fn, _digits.init_mlp(jax.random.PRNGKey(0), sizes),
+                            optax.sgd(0.05), policy=ddl.BSP(every=every), batch_size=BATCH,
+                            client=client, sync_timeout=120) as tr:
             tr.fit(ds, epochs=1, verbose=False)  # start-up and compilation
             time.sleep(1.0)
             s0, c0, t0 = cpu(sp), cpu(me), time.perf_counter()
@@ -144,7 +149,7 @@ def measure(n: int, every: int, rounds: int, profile: str | None, relay="auto") 
             wall = time.perf_counter() - t0
             ds_, dc = cpu(sp) - s0 - idle_s * wall, cpu(me) - c0 - idle_c * wall
             info = tr.info()
-            msgs = info["metrics"]["sync_messages"]
+            msgs = info["metrics"].get("sync_messages", float("nan"))
             leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(tr.params)]
         floor = rpc_floor(client, sp, leaves, max(100, rounds))
         worker_rounds = sum(h["rounds"] for h in hist) * n
@@ -220,6 +225,7 @@ def main() -> None:
     p.add_argument("--relay-group", nargs="+", default=["auto"],
                    help="config daskdl.relay-group values to compare (auto, 1: no relays, an int)")
     p.add_argument("--rounds", type=int, default=200, help="rounds per worker measured")
+    p.add_argument("--depth", type=int, default=1, help="hidden layers of 32 in the MLP")
     p.add_argument("--profile", default=None, help="directory for cProfile outputs")
     a = p.parse_args()
     if a.profile:
@@ -230,7 +236,7 @@ def main() -> None:
     for n in a.workers:
         for every in a.every:
             for relay in a.relay_group:
-                runs = [measure(n, every, a.rounds, a.profile, relay) for _ in range(a.repeats)]
+                runs = [measure(n, every, a.rounds, a.profile, relay, a.depth) for _ in range(a.repeats)]
                 med = {k: statistics.median(r[k] for r in runs)
                        for k in ("rounds_s", "sched_ms", "client_ms", "gap", "floor_ms", "msgs")}
                 cap = [1000.0 / max(med["sched_ms"], 1e-6) / rate for rate in (1, 4, 10)]
