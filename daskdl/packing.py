@@ -19,6 +19,16 @@ import numpy as np
 from .errors import DaskDLError
 
 ALIGN = 64  # bytes: every leaf starts at a multiple (cache lines; any dtype's alignment)
+# Packing copies the update once on its worker and the params once per version on the
+# scheduler; it pays where a leaf's fixed costs (~10 us) outweigh copying it (~10 GB/s)
+LEAF_BYTES = 64 << 10
+
+
+def worth_packing(leaves: Sequence) -> bool:
+    """Whether ``leaves`` should travel packed: several, of at most ``LEAF_BYTES``
+    each on average (large leaves cost their bytes, not their count)."""
+    return len(leaves) > 1 and sum(np.asarray(x).nbytes for x in leaves) <= \
+        LEAF_BYTES * len(leaves)
 
 
 class Packing:

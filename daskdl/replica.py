@@ -48,7 +48,7 @@ from distributed.utils import sync
 
 from . import protocol
 from .errors import DaskDLError, RoundDiscarded, SyncAborted, TrainingDiverged
-from .packing import Packing, packed
+from .packing import Packing, packed, worth_packing
 from .plan import chunk_permutation, round_permutation
 from .protocol import RoundSpec, Status, SyncReply, SyncRequest
 from .sources import ChunkReader
@@ -181,7 +181,7 @@ class Replica(WorkerPlugin):
         self.overlapped = None  # (spec, future, state before, params sent) of a background sync
         self._pool = None
         self.relay = None  # relays its group's syncs when this worker is a relay
-        self.packing = None  # the layout of this model's leaves in one buffer
+        self.packing = None  # the layout of the model's leaves in one buffer (False: none)
         self.timings: dict = {}
         self.feedback: dict = {}  # (shards, shard) -> ErrorFeedback (compressed updates)
 
@@ -460,9 +460,9 @@ class Replica(WorkerPlugin):
         model_state = None
         if self.state_template is not None:  # sent with every contribution
             model_state = to_serialize(flatten(state.state)[0])
-        if len(leaves) > 1:  # one buffer: the scheduler handles one array, not a list
-            if self.packing is None:
-                self.packing = Packing(leaves)
+        if self.packing is None:  # many small leaves: one buffer (daskdl.packing)
+            self.packing = Packing(leaves) if worth_packing(leaves) else False
+        if self.packing:
             leaves = self.packing.pack(leaves)
         req = SyncRequest(run=self.run, rank=spec.rank, clock=spec.clock, gen=spec.gen,
                           samples=samples, version=self.version, params=to_serialize(leaves),

@@ -45,3 +45,12 @@ def test_a_buffer_that_is_not_this_models_is_refused():
                   np.concatenate([buf, buf]), [buf]):
         with pytest.raises(DaskDLError, match="packed buffer of this model"):
             p.unpack(wrong)
+
+
+def test_only_many_small_leaves_are_packed():
+    from daskdl.packing import LEAF_BYTES, worth_packing
+
+    assert worth_packing(_leaves())
+    assert not worth_packing(_leaves()[:1])  # one leaf: nothing to gain
+    big = [np.zeros(LEAF_BYTES, np.float32), np.zeros(LEAF_BYTES, np.float32)]
+    assert not worth_packing(big)  # large leaves cost their bytes: no extra copy
