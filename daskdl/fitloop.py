@@ -73,7 +73,7 @@ class FitConfig:
     sharded: bool = False  # sync="sharded" (daskdl.shards)
     compression: str | None = None
     overlap: bool = False  # sharded: round r + 1 computes while round r syncs
-    relay_group: object = 1  # daskdl.relay-group: "auto" or an int (1: no relays)
+    relay_group: object = "auto"  # daskdl.relay-group: "auto" or an int (1: no relays)
 
     @property
     def tasks_ahead(self) -> int:

@@ -12,12 +12,13 @@ batch exactly as it would a direct ``daskdl_sync`` (same validation, barrier and
 merge; the merged parameters travel once per batch), so results do not change: only
 the number of scheduler messages, N/group per round instead of N.
 
-Off by default (``relay-group: 1``).  Measured on one 2-core machine with 8-32 worker
-processes (``benchmarks/coordination.py --relay-group auto 1``), relays cut the
-scheduler's sync messages to 0.19-0.38 per worker-round but not its CPU per
-worker-round (each sync's own checks, barrier and answer remain) while the extra hop
-lowered rounds/s by 20-37 %.  They are for set-ups where a message to the scheduler
-costs more than its handling (TLS, a scheduler across a slow network).
+By default (``relay-group: auto``) runs of at least ``RELAY_MIN_WORKERS`` workers and
+models up to ``RELAY_MAX_BYTES`` use groups of ``ceil(sqrt(N))``.  Measured on one
+2-core machine (``benchmarks/coordination.py --relay-group auto 1``, BSP every=1,
+medians of 3): the scheduler's CPU per worker-round fell from 0.33 to 0.26 ms with 16
+workers (same rounds/s) and from 0.34 to 0.30 ms with 32 (32 processes on 2 cores:
+the extra hop cost 16 % of rounds/s); with 8 workers (measured before updates were
+packed) it did not fall and the hop cost rounds/s.
 
 Failures:
 
@@ -51,7 +52,7 @@ RELAY_SYNC = "daskdl_relay_sync"  # worker handler: a group member's sync
 RELAY_FAILED = "relay-failed"  # its status when the relay could not deliver it
 RELAY_WAIT_S = 1.0  # how long a relay waits for a member after the first of its round
 RELAY_MAX_BYTES = 4 << 20  # "auto": models larger than this sync directly (bytes hop once more)
-RELAY_MIN_WORKERS = 4  # "auto": fewer workers sync directly (the scheduler is not loaded)
+RELAY_MIN_WORKERS = 16  # "auto": fewer workers sync directly (measured: no gain at 8)
 
 
 def relay_groups(workers: tuple, size: int) -> dict[int, tuple[str, tuple]]:

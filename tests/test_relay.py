@@ -93,6 +93,7 @@ def test_relay_groups_keep_hosts_together_and_sizes_even():
 
 def test_relay_group_size_and_config():
     assert group_size("auto", 2, 10_000, True) == 1  # few workers: direct
+    assert group_size("auto", 8, 10_000, True) == 1
     assert group_size("auto", 16, 10_000, True) == 4
     assert group_size("auto", 500, 10_000, True) == 23
     assert group_size("auto", 64, 100 << 20, True) == 1  # large model: bytes would hop twice
