@@ -26,9 +26,10 @@ Failures:
   arrival of its round is left out of that batch; the others go on without it (and
   it is relayed alone when it comes), so the scheduler's barrier sees every
   arrival and its timeouts and drops work as without relays;
-* a relay that cannot be reached (it left) or that fails after taking a sync: the
-  member sends the same sync straight to the scheduler, marked ``resent``; a sync
-  the plugin already counted is answered again without being counted twice.
+* a relay that cannot be reached (it left: the member gives up connecting after
+  ``RELAY_CONNECT_S``, not Dask's 30 s connect timeout) or that fails after taking a
+  sync: the member sends the same sync straight to the scheduler, marked ``resent``;
+  a sync the plugin already counted is answered again without being counted twice.
 
 Messages to a relay carry the run secret (checked there, as the scheduler does);
 the relay sends the group's syncs without their secrets, under its own.
@@ -51,6 +52,7 @@ logger = logging.getLogger("daskdl")
 RELAY_SYNC = "daskdl_relay_sync"  # worker handler: a group member's sync
 RELAY_FAILED = "relay-failed"  # its status when the relay could not deliver it
 RELAY_WAIT_S = 1.0  # how long a relay waits for a member after the first of its round
+RELAY_CONNECT_S = 2.0  # a member gives up connecting to its relay after this (it left)
 RELAY_MAX_BYTES = 4 << 20  # "auto": models larger than this sync directly (bytes hop once more)
 RELAY_MIN_WORKERS = 16  # "auto": fewer workers sync directly (measured: no gain at 8)
 

@@ -486,7 +486,9 @@ class Replica(WorkerPlugin):
     def _relayed(self, spec: RoundSpec, req: SyncRequest) -> dict | None:
         """Send ``req`` through the group's relay (:mod:`daskdl.relay`); ``None`` when
         the relay could not deliver it (``req`` is then marked ``resent``)."""
-        from .relay import RELAY_FAILED, RELAY_SYNC
+        from distributed.core import send_recv
+
+        from .relay import RELAY_CONNECT_S, RELAY_FAILED, RELAY_SYNC
 
         msg = dict(req.to_msg(self._secret), group=spec.group, fit=spec.fit)
         if spec.faults is not None and spec.faults.lose_relay_reply:  # tests only
@@ -495,7 +497,14 @@ class Replica(WorkerPlugin):
         async def call():
             if spec.relay == self.worker.address:  # this worker is the relay
                 return await self.worker.handlers[RELAY_SYNC](**msg)
-            return await getattr(self.worker.rpc(spec.relay), RELAY_SYNC)(**msg)
+            # a relay that left refuses connections: give up on it after a short
+            # connect timeout (Dask retries a refused connect for comm.timeouts.connect)
+            pool = self.worker.rpc
+            comm = await pool.connect(spec.relay, timeout=RELAY_CONNECT_S)
+            try:
+                return await send_recv(comm=comm, op=RELAY_SYNC, **msg)
+            finally:
+                pool.reuse(spec.relay, comm)
 
         try:
             reply = sync(self.worker.loop, call)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import dask
 import jax
@@ -129,9 +130,13 @@ def test_a_relay_that_dies_mid_training(digits):
         with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.05),
                          policy=ddl.BSP(every=1), batch_size=16, client=client,
                          sync_timeout=60) as tr:
+            t0 = time.monotonic()
             hist = tr.fit(ds, epochs=3, verbose=False, callbacks=[cb])
+            seconds = time.monotonic() - t0
             info = tr.info()
     assert state["killed"] and len(hist) == 3
+    # nobody waited out Dask's 30 s connect timeout on the dead relay (relay.RELAY_CONNECT_S)
+    assert seconds < 30, seconds
     assert info["aborted"] is None and info["generation"] >= 1
     assert relay not in info["members"].values()
     merges = [h["clock"] for h in info["history"] if h["kind"] == "merge"]
