@@ -370,3 +370,27 @@ async def test_locations_and_a_worker_leaving_after_the_end(c, s, a, b, caplog):
         await asyncio.sleep(0.1)
     assert not [r for r in caplog.records if r.name == "daskdl"]
     assert plugin.finished["r"].lost == {}
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_a_resent_sync_is_answered_not_counted_again(c, s):
+    """A worker whose relay failed sends its sync again marked ``resent``: while its
+    first copy still waits in the barrier, and after it was answered, the copy gets the
+    same answer and nothing is counted twice (without ``resent`` it is refused)."""
+    await c.register_plugin(TrainingPlugin())
+    assert (await c.scheduler.daskdl_start(**start_kwargs("r")))["status"] == "OK"
+    first = asyncio.ensure_future(c.scheduler.daskdl_sync(**sync_kwargs("r", 0, 0, 1.0, 10)))
+    await asyncio.sleep(0.05)
+    again = asyncio.ensure_future(
+        c.scheduler.daskdl_sync(**sync_kwargs("r", 0, 0, 1.0, 10, resent=True)))
+    plain = await c.scheduler.daskdl_sync(**sync_kwargs("r", 0, 0, 1.0, 10))
+    assert plain["status"] == "refused" and not first.done() and not again.done()
+    second = await c.scheduler.daskdl_sync(**sync_kwargs("r", 1, 0, 3.0, 30))
+    a, b = await first, await again
+    late = await c.scheduler.daskdl_sync(**sync_kwargs("r", 1, 0, 3.0, 30, resent=True))
+    assert a["status"] == b["status"] == second["status"] == late["status"] == "OK"
+    assert a["version"] == b["version"] == late["version"] == 1
+    st = get_plugin(s).runs["r"]
+    assert st.version == 1 and dict(st.clocks) == {0: 1, 1: 1}
+    assert [st.stats.ranks[r]["rounds"] for r in (0, 1)] == [1, 1]
+    np.testing.assert_allclose(st.leaves[0], 2.5)  # (1 * 10 + 3 * 30) / 40

@@ -121,6 +121,12 @@ class Barrier:
         finally:
             self.waiting.pop(rank, None)
 
+    async def join(self, rank: int, timeout: float) -> bool:
+        """Wait with the sync of ``rank`` that waits already (a copy of it was sent
+        again); True at once when none waits."""
+        event = self.waiting.get(rank)
+        return True if event is None else await _wait(event, timeout)
+
     def open_all(self) -> None:
         """Let every waiting rank go on (the run froze or aborted)."""
         for event in self.waiting.values():

@@ -581,8 +581,7 @@ class TrainingPlugin(SchedulerPlugin):
             return SyncReply(Status.REPLAN, st.version).to_msg()
         if st.sharded:
             return await self._sync_sharded(st, req)
-        if req.resent and st.membership.clocks.get(req.rank) == req.clock + 1 and \
-                not st.barrier.is_waiting(req.rank):
+        if req.resent and st.membership.clocks.get(req.rank) == req.clock + 1:
             return await self._answer_again(st, req)
         leaves, opt_state, buf = self._accept(st, req)
         state = self._model_state(st, req)
@@ -615,11 +614,15 @@ class TrainingPlugin(SchedulerPlugin):
 
     async def _answer_again(self, st: RunState, req: SyncRequest) -> dict:
         """A sync its relay delivered before failing, sent again by its worker: counted
-        once already, it waits for its barrier again and gets its answer."""
+        once already, it waits with its first copy (still in the barrier) or for its
+        barrier again, and gets its answer."""
         with parsing("daskdl_sync params"):
             leaves, buf = st.load_update(req.params, f"update of rank {req.rank}")
         arrived = time.time()
-        await self._wait_barrier(st, req)
+        if st.barrier.is_waiting(req.rank):
+            await st.barrier.join(req.rank, 2 * st.timeout)
+        else:
+            await self._wait_barrier(st, req)
         return self._answer(st, req, leaves, time.time() - arrived, buf is not None)
 
     async def _wait_barrier(self, st: RunState, req: SyncRequest) -> None:
