@@ -47,13 +47,7 @@ def install(worker) -> None:
 def _dispatch(worker, name: str):
     async def handle(**msg):
         try:
-            run = protocol.run_id(msg)
-            replica = worker.plugins.get(f"daskdl-replica-{run}")
-            ex = getattr(replica, "exchange", None)
-            if ex is None:
-                raise ProtocolError(f"no training run {run!r} on worker {worker.address}")
-            if not protocol.same_secret(msg.get("secret"), replica._secret):
-                raise ProtocolError(f"wrong secret for training run {run!r}")
+            ex = protocol.replica_part(worker, msg, "exchange")
             return await getattr(ex, _METHODS[name])(**msg)
         except (ProtocolError, DaskDLError) as e:
             return refused(str(e))

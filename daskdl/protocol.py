@@ -161,6 +161,20 @@ def run_id(msg: Mapping) -> str:
     return str_field(msg, "run", 64)
 
 
+def replica_part(worker, msg: Mapping, attr: str):
+    """For a worker handler: the replica of the run ``msg`` names on ``worker`` and its
+    part ``attr`` (its exchange, its relay), once ``msg``'s secret matched;
+    ProtocolError otherwise."""
+    run = run_id(msg)
+    replica = worker.plugins.get(f"daskdl-replica-{run}")
+    part = getattr(replica, attr, None)
+    if part is None:
+        raise ProtocolError(f"no training run {run!r} on worker {worker.address}")
+    if not same_secret(msg.get("secret"), replica._secret):
+        raise ProtocolError(f"wrong secret for training run {run!r}")
+    return part
+
+
 def members_field(msg: Mapping, name: str = "members") -> dict[int, str]:
     """``{rank: worker address}`` with ranks ``0..W-1``, distinct addresses."""
     v = msg.get(name)

@@ -119,7 +119,6 @@ class Relay:
         self._secret = secret
         self.batches: dict[tuple, _Batch] = {}  # (fit, gen, clock) -> batch gathering
         self.forwarded: dict[tuple, set] = {}  # (fit, gen, clock) -> ranks sent already
-        self.stats = {"batches": 0, "relayed": 0}
 
     async def submit(self, msg: dict, group: tuple, key: tuple) -> dict:
         """Relay ``msg`` (a sync of rank ``msg['rank']``, without secret) with the rest
@@ -169,8 +168,6 @@ class Relay:
                 if m.get(name) is not None:
                     m[name] = to_serialize(protocol.load(m[name]))
             syncs.append(m)
-        self.stats["batches"] += 1
-        self.stats["relayed"] += len(syncs)
         try:
             reply = await getattr(self.worker.scheduler, protocol.SYNC_GROUP)(
                 run=self.run, secret=self._secret, syncs=syncs)
@@ -206,13 +203,7 @@ def install(worker) -> None:
 def _dispatch(worker):
     async def handle(**msg):
         try:
-            run = protocol.run_id(msg)
-            replica = worker.plugins.get(f"daskdl-replica-{run}")
-            relay = getattr(replica, "relay", None)
-            if relay is None:
-                raise ProtocolError(f"no training run {run!r} on worker {worker.address}")
-            if not protocol.same_secret(msg.get("secret"), replica._secret):
-                raise ProtocolError(f"wrong secret for training run {run!r}")
+            relay = protocol.replica_part(worker, msg, "relay")
             group = tuple(protocol.int_field({"r": r}, "r", 0, 1_000_000)
                           for r in msg.get("group") or ())
             key = (protocol.int_field(msg, "fit"), protocol.int_field(msg, "gen"),

@@ -567,7 +567,7 @@ class TrainingPlugin(SchedulerPlugin):
         for r in replies:  # parameters that several answers hold travel once
             p = r.get("params")
             if p is not None and (shared is None or p is shared):
-                shared = r["params"] = p
+                shared = p
                 r["params"], r["shared"] = None, True
         return ok(replies=list(replies), params=shared)
 
