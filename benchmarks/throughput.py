@@ -9,7 +9,13 @@ teacher-labelled data, measured in one invocation:
 * ``plain``: a single-process loop of the same compiled 16-step ``lax.scan``,
   pinned to one core;
 * ``daskdl-1``: daskdl with 1 worker, ``BSP(every=16)``;
-* ``daskdl-2``: daskdl with 2 workers, ``BSP(every=16)``.
+* ``daskdl-2``: daskdl with 2 workers, ``BSP(every=16)``;
+* ``ddp-2`` (needs torch: ``pip install -e ".[bench]"``): what two processes get on
+  this machine with no coordinator at all: the same scan in 2 processes, each pinned
+  to a core as daskdl pins its workers, averaging their parameters every 16 steps
+  with one ``torch.distributed`` gloo ``all_reduce`` of one flat buffer (what BSP
+  computes, the way DDP-style code does it).  ``ddp-2 / plain`` is the ceiling of
+  2-process scaling here; ``daskdl-2 / ddp-2`` what coordinating through Dask costs.
 
 Also samples/s over whole ``fit`` calls (epoch ends included): a fit of 1 + epochs
 minus a fit of 1 in the same trainer, so start-up and compilation cancel out.
@@ -34,6 +40,7 @@ the cost the cluster itself pays.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -101,6 +108,77 @@ def plain(x, y, epochs: int) -> list[float]:
                 os.sched_setaffinity(int(tid), before)
             except OSError:
                 pass
+
+
+_DDP_TIMEOUT_S = 600
+
+
+def ddp_rank(rank: int, world: int, port: int, epochs: int, per_worker: int) -> None:
+    """One process of ``ddp-N`` (started by :func:`ddp`); rank 0 prints its epochs'
+    seconds as JSON."""
+    cores = sorted(os.sched_getaffinity(0))
+    pin_process(cores[rank % len(cores)])
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    x, y = make_data(world * per_worker)
+    x, y = x[rank * per_worker:(rank + 1) * per_worker], y[rank * per_worker:(rank + 1) * per_worker]
+    steps = make_train_steps(loss_fn, optimizer())
+    state = init_state(init_mlp(jax.random.PRNGKey(0)), optimizer())
+    leaves, treedef = jax.tree_util.tree_flatten(state.params)
+    shapes = [np.shape(v) for v in leaves]
+    offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+    flat = np.empty(int(offsets[-1]), np.float32)
+    per_round = EVERY * BATCH
+    seconds = []
+    for e in range(epochs):
+        perm = np.random.default_rng(1000 * e + rank).permutation(len(x))
+        dist.barrier()
+        t = time.perf_counter()
+        for r in range(len(x) // per_round):
+            idx = perm[r * per_round:(r + 1) * per_round]
+            batches = {"x": x[idx].reshape(EVERY, BATCH, -1), "y": y[idx].reshape(EVERY, BATCH)}
+            state, (losses, _) = steps(state, batches)
+            for i, v in enumerate(jax.tree_util.tree_leaves(state.params)):  # one bucket
+                flat[offsets[i]:offsets[i + 1]] = np.asarray(v).ravel()
+            dist.all_reduce(torch.from_numpy(flat))
+            flat /= world
+            params = [jax.numpy.asarray(flat[offsets[i]:offsets[i + 1]].reshape(s))
+                      for i, s in enumerate(shapes)]
+            state = state._replace(params=jax.tree_util.tree_unflatten(treedef, params))
+        dist.barrier()
+        seconds.append(time.perf_counter() - t)
+    if rank == 0:
+        print(json.dumps(seconds), flush=True)
+    dist.destroy_process_group()
+
+
+def ddp(world: int, epochs: int, per_worker: int) -> list[float] | None:
+    """Samples/s per epoch of ``ddp-<world>`` (``None`` without torch)."""
+    import importlib.util
+    import socket
+    import subprocess
+
+    if importlib.util.find_spec("torch") is None:
+        print('ddp baseline skipped: torch is not installed (pip install -e ".[bench]")')
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--ddp-rank",
+                               str(r), str(world), str(port), "--epochs", str(epochs),
+                               "--samples-per-worker", str(per_worker)],
+                              env=env, stdout=subprocess.PIPE, text=True)
+             for r in range(world)]
+    outs = [p.communicate(timeout=_DDP_TIMEOUT_S)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"ddp-{world} failed (exit codes {[p.returncode for p in procs]})")
+    seconds = json.loads(outs[0].strip().splitlines()[-1])
+    return [world * (per_worker // (EVERY * BATCH)) * EVERY * BATCH / t for t in seconds]
 
 
 def whole_fits(tr, ds, extra: int) -> float:
@@ -231,7 +309,13 @@ def main():
                    help="with --dashboard: fits with the page open (and as many closed)")
     p.add_argument("--browser-nice", type=int, default=0,
                    help="with --dashboard: nice value of the browser (19: as if elsewhere)")
+    p.add_argument("--no-ddp", action="store_true", help="skip the ddp-2 baseline")
+    p.add_argument("--ddp-rank", nargs=3, type=int, metavar=("RANK", "WORLD", "PORT"),
+                   help=argparse.SUPPRESS)  # one process of the ddp baseline
     a = p.parse_args()
+    if a.ddp_rank:
+        ddp_rank(*a.ddp_rank, a.epochs, a.samples_per_worker)
+        return
     x2, y2 = make_data(2 * a.samples_per_worker)
     if a.dashboard:
         rates = dashboard_overhead(x2, y2, a.epochs, a.repeats, a.browser_nice)
@@ -243,6 +327,7 @@ def main():
     x1, y1 = x2[:a.samples_per_worker], y2[:a.samples_per_worker]
 
     rates_plain = plain(x1, y1, a.epochs)
+    rates_ddp = None if a.no_ddp else ddp(2, 1 + a.epochs, a.samples_per_worker)
     rates_1, start_1, whole_1 = with_daskdl(x1, y1, 1, a.epochs)
     rates_2, start_2, whole_2 = with_daskdl(x2, y2, 2, a.epochs)
 
@@ -258,6 +343,13 @@ def main():
           f"daskdl-2 {whole_2:.0f} samples/s")
     print(f"whole-fit ratio daskdl-1 / plain    = {whole_1 / med['plain']:.3f}  (target >= 0.97)")
     print(f"whole-fit ratio daskdl-2 / daskdl-1 = {whole_2 / whole_1:.3f}  (target >= 1.8)")
+    if rates_ddp is not None:
+        ddp_2 = statistics.median(rates_ddp[1:])
+        print(f"ddp-2 (2 processes, gloo all_reduce every {EVERY} steps, no coordinator): "
+              f"{ddp_2:.0f} samples/s  {[round(r) for r in rates_ddp]}")
+        print(f"ratio ddp-2 / plain       = {ddp_2 / med['plain']:.3f}  (this machine's "
+              "ceiling for 2 processes)")
+        print(f"whole-fit ratio daskdl-2 / ddp-2 = {whole_2 / ddp_2:.3f}")
 
 
 if __name__ == "__main__":
