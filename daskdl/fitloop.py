@@ -219,6 +219,8 @@ class FitLoop:
         self.finished_at: dict = {}  # (generation, rank) -> when its last task finished
         self.round_s: dict = {}  # rank -> estimated wall seconds per round
         self.t_fit = self.t_epoch = time.perf_counter()
+        self.t_fit_wall = time.time()
+        self.epoch_end = None  # when the last epoch closed ended, on the workers' clocks
         fit_start = int(resume["meta"]["fit_start"]) if resume is not None else start.epoch
         self.fit_start, self.end_epoch = fit_start, fit_start + int(epochs)
 
@@ -578,8 +580,7 @@ class FitLoop:
             rounds = sorted(self.epoch_rounds.pop(label, []),
                             key=lambda r: (r["clock"], r["rank"]))
             self.closed_labels.add(label)
-            rec = epoch_record(label, rounds, time.perf_counter() - self.t_epoch,
-                               self.regroups)
+            rec = epoch_record(label, rounds, self._epoch_seconds(rounds), self.regroups)
             res = self.result
             res.rounds.extend(rounds)
             res.records.append(rec)
@@ -589,7 +590,27 @@ class FitLoop:
                 res.clock = max(r["clock"] for r in rounds) + 1
             logger.info("epoch %d: loss %.4f, %d samples, %.2fs", label, rec["loss"],
                         rec["samples"], rec["seconds"])
-            self.t_epoch = time.perf_counter()
+
+    def _epoch_seconds(self, rounds: list) -> float:
+        """An epoch's wall seconds: from the end of the epoch before (the start of the
+        fit for its first) to the end of its last round, as the workers' clocks say.
+
+        Rounds run as tasks of many rounds, so the client hears of an epoch's end up to
+        a task later; timing epochs by when they are closed here would make equal
+        epochs alternate between long and short (the first ones' start-up left aside,
+        the durations still add up to the fit's).  Falls back to the client's clock
+        when the rounds' times are missing or disagree with it (clocks of other hosts
+        off by more than an epoch)."""
+        now, wall = time.perf_counter(), time.time()
+        client_s = now - self.t_epoch
+        self.t_epoch = now
+        end = max((r["finished"] for r in rounds if "finished" in r), default=None)
+        begin = self.epoch_end if self.epoch_end is not None else self.t_fit_wall
+        if end is not None and begin < end <= wall + 1.0:
+            self.epoch_end = end
+            return end - begin
+        self.epoch_end = wall if end is None else min(end, wall)
+        return client_s
 
     # -- membership changes ------------------------------------------------------------
     def regroup(self) -> None:

@@ -86,3 +86,31 @@ def test_rounds_per_task_config_is_checked():
         with pytest.raises(ValueError, match="task-seconds must be a positive duration"):
             ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.05),
                         batch_size=16, client=None)
+
+
+def test_epoch_seconds_come_from_the_rounds_end_times(client2, digits):
+    """Tasks span several epochs (``rounds-per-task: auto``), so the client hears of an
+    epoch's end late; an epoch's ``seconds`` is the time from the end of the epoch
+    before to the end of its last round, on the workers' clocks, and the epochs of a
+    fit add up to no more than the fit took."""
+    import time
+
+    import dask
+
+    x, y = digits
+    ds = ddl.Dataset.from_arrays(x=x[:1024], y=y[:1024], chunk_size=128)
+    with dask.config.set({"daskdl.task-seconds": "0.3s"}):
+        with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.05),
+                         policy=ddl.BSP(every=1), batch_size=16, client=client2) as tr:
+            tr.fit(ds, epochs=1, verbose=False)  # compiles
+            n0 = len(tr.rounds)
+            t0 = time.time()
+            hist = tr.fit(ds, epochs=6, verbose=False)
+            wall = time.time() - t0
+            rounds = tr.rounds[n0:]
+    ends = [max(r["finished"] for r in rounds if r["epoch"] == h["epoch"]) for h in hist]
+    assert all(h["seconds"] > 0 for h in hist)
+    for h, before, end in zip(hist[1:], ends, ends[1:]):
+        assert h["seconds"] == pytest.approx(end - before, abs=1e-9), (h, before, end)
+    assert ends[0] - t0 == pytest.approx(hist[0]["seconds"], abs=0.05)
+    assert sum(h["seconds"] for h in hist) <= wall
