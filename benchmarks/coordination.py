@@ -12,7 +12,7 @@ parameter leaves, for the cost that grows with a model's number of leaves) from 
 coordination.  For each (N, E):
 
 * ``relay``: config ``daskdl.relay-group`` (``auto``, the default: groups of
-  ``ceil(sqrt(N))`` workers from 4 workers on send their syncs through a relay, one
+  ``ceil(sqrt(N))`` workers from 16 workers on send their syncs through a relay, one
   scheduler message per group and round; ``1``: every worker syncs with the
   scheduler itself) and ``msgs/wr``, scheduler messages carrying syncs per
   worker-round;

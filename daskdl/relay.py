@@ -107,7 +107,6 @@ class _Batch:
     msgs: dict = field(default_factory=dict)  # rank -> sync message (without secret)
     waiters: dict = field(default_factory=dict)  # rank -> asyncio.Future of its reply
     timer: asyncio.TimerHandle | None = None
-    sent: bool = False
 
 
 class Relay:
@@ -149,10 +148,9 @@ class Relay:
             del self.forwarded[k]
 
     def _send(self, key: tuple) -> None:
-        batch = self.batches.pop(key, None)
-        if batch is None or batch.sent:
+        batch = self.batches.pop(key, None)  # sent once: a second call finds none
+        if batch is None:
             return
-        batch.sent = True
         if batch.timer is not None:
             batch.timer.cancel()
         self.forwarded.setdefault(key, set()).update(batch.msgs)

@@ -15,7 +15,7 @@ import time
 from .. import protocol
 from ..checkpoint import CheckpointCut
 from ..errors import DaskDLError
-from ..packing import Packing
+from ..packing import Packing, packed
 from ..protocol import ProtocolError
 from ..tree import check_like
 from ..policies import Policy
@@ -93,26 +93,24 @@ class RunState:
         reply of a merge carries the same frames instead of serializing them again."""
         return self.params_as(False)
 
-    def params_as(self, packed: bool):
+    def params_as(self, as_buffer: bool):
         """:meth:`params_msg`, as one packed buffer (:mod:`daskdl.packing`) when
-        ``packed``: what a worker that sent its update packed gets back."""
+        ``as_buffer``: what a worker that sent its update packed gets back."""
         from distributed.protocol.serialize import Serialized, serialize_and_split
 
         if self._serialized is None or self._serialized[0] != self.version:
             self._serialized = (self.version, {})
         cache = self._serialized[1]
-        if packed not in cache:
-            obj = self.packing.pack(self.leaves) if packed else self.leaves
+        if as_buffer not in cache:
+            obj = self.packing.pack(self.leaves) if as_buffer else self.leaves
             header, frames = serialize_and_split(obj)
-            cache[packed] = Serialized(header, frames)
-        return cache[packed]
+            cache[as_buffer] = Serialized(header, frames)
+        return cache[as_buffer]
 
     def load_update(self, payload, what: str) -> tuple[list, object]:
         """The leaves of an update as it arrived (a list of arrays, or one packed
         buffer: then views of it, and the buffer for :meth:`check_update`); its size
         is checked before it is loaded.  ProtocolError for anything else."""
-        from ..packing import packed
-
         obj = protocol.load(payload, limit=max(self.nbytes, self.packing.nbytes) + 65536,
                             what=what)
         if packed(obj):
