@@ -194,7 +194,8 @@ def whole_fits(tr, ds, extra: int) -> float:
     return samples / (t_long - t_short)
 
 
-def with_daskdl(x, y, workers: int, epochs: int) -> tuple[list[float], float, float]:
+def with_daskdl(x, y, workers: int, epochs: int,
+                sync: str = "auto") -> tuple[list[float], float, float]:
     t0 = time.perf_counter()
     with cluster_config():
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -202,7 +203,8 @@ def with_daskdl(x, y, workers: int, epochs: int) -> tuple[list[float], float, fl
     with cluster, Client(cluster) as client:
         ds = ddl.Dataset.from_arrays(x=x, y=y, chunk_size=EVERY * BATCH)
         with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optimizer(),
-                         policy=ddl.BSP(every=EVERY), batch_size=BATCH, client=client) as tr:
+                         policy=ddl.BSP(every=EVERY), batch_size=BATCH, client=client,
+                         sync=sync) as tr:
             cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             hist = tr.fit(ds, epochs=epochs)
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -310,6 +312,8 @@ def main():
     p.add_argument("--browser-nice", type=int, default=0,
                    help="with --dashboard: nice value of the browser (19: as if elsewhere)")
     p.add_argument("--no-ddp", action="store_true", help="skip the ddp-2 baseline")
+    p.add_argument("--sync", default="auto", choices=("auto", "scheduler", "sharded"),
+                   help="Trainer(sync=...) of the daskdl runs (default: auto)")
     p.add_argument("--ddp-rank", nargs=3, type=int, metavar=("RANK", "WORLD", "PORT"),
                    help=argparse.SUPPRESS)  # one process of the ddp baseline
     a = p.parse_args()
@@ -328,8 +332,8 @@ def main():
 
     rates_plain = plain(x1, y1, a.epochs)
     rates_ddp = None if a.no_ddp else ddp(2, 1 + a.epochs, a.samples_per_worker)
-    rates_1, start_1, whole_1 = with_daskdl(x1, y1, 1, a.epochs)
-    rates_2, start_2, whole_2 = with_daskdl(x2, y2, 2, a.epochs)
+    rates_1, start_1, whole_1 = with_daskdl(x1, y1, 1, a.epochs, a.sync)
+    rates_2, start_2, whole_2 = with_daskdl(x2, y2, 2, a.epochs, a.sync)
 
     med = {k: statistics.median(v[1:]) for k, v in
            {"plain": rates_plain, "daskdl-1": rates_1, "daskdl-2": rates_2}.items()}

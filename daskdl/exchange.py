@@ -13,8 +13,10 @@ heavy work in a thread, a run id and the run secret on every message):
 ====================  ===========================================================
 
 A message with a wrong secret, another generation, or pieces not shaped like the
-shard is answered ``refused`` and changes nothing.  Merges, checks of large
-arrays and copies run in the exchange's thread, never on the event loop.
+shard is answered ``refused`` and changes nothing.  Merges and checks of shards
+larger than :data:`INLINE_BYTES` run in the exchange's thread, never on the event
+loop; smaller ones run on it (a thread hop costs more than they do), except a merge
+that must wait for a piece still on its way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ FULL = "daskdl_shard_full"
 HELD = "daskdl_shard_held"
 HANDLERS = (PUT, GET, FULL, HELD)
 _METHODS = {PUT: "put", GET: "get", FULL: "full", HELD: "held_version"}
+INLINE_BYTES = 4 * 2**20  # shards up to this size are checked and merged on the event loop
 
 
 def install(worker) -> None:
@@ -70,6 +73,7 @@ class Exchange:
         self.held = (-1, None, None)  # (version, leaves, (fit, generation))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="daskdl-shards")
         self._changed: asyncio.Event | None = None
+        self._arrived: asyncio.Event | None = None  # set (and replaced) when a piece comes
         self.stats = {"sent": 0, "received": 0, "served": 0}
 
     def close(self) -> None:
@@ -80,10 +84,24 @@ class Exchange:
     # -- the owner of a generation ----------------------------------------------------
     def set_owner(self, key: tuple, members: tuple, shard_map: ShardMap, owner: Owner) -> None:
         """This worker owns ``owner``'s shard from now on (called on the event loop)."""
+        if self.owner is not None and self.owner is not owner:
+            self.owner.retire()  # merges of the old generation waiting for pieces give up
         self.key, self.members, self.map, self.owner = key, members, shard_map, owner
         if self._changed is not None:
             self._changed.set()
         self._changed = asyncio.Event()
+        self._signal()
+
+    def _signal(self) -> None:
+        """Wake the merges waiting for pieces (on the event loop)."""
+        if self._arrived is not None:
+            self._arrived.set()
+        self._arrived = asyncio.Event()
+
+    def put_local(self, rank: int, clock: int, pieces: list, delta: bool) -> None:
+        """This worker's own piece for the shard it owns (on the event loop)."""
+        self.owner.put(rank, clock, pieces, delta)
+        self._signal()
 
     async def _owner(self, fit: int, gen: int, timeout: float) -> Owner:
         """The owner of generation ``(fit, gen)``, waiting for this worker to reach it."""
@@ -115,11 +133,21 @@ class Exchange:
                                                                  hi=1e6))
         if protocol.int_field(msg, "shard", 0, 1_000_000) != owner.j:
             raise ProtocolError(f"this worker owns shard {owner.j}, not {msg.get('shard')}")
-        limit = sum(s.nbytes for s in owner.specs)
-        pieces = protocol.load(msg.get("pieces"), limit=limit + 64 * 1024 + 64 * len(owner.specs),
-                               what=f"shard piece of rank {rank}")
-        await self._thread(self._check, owner, pieces, rank)
+        limit = owner.nbytes
+        try:
+            pieces = protocol.load(msg.get("pieces"),
+                                   limit=limit + 64 * 1024 + 64 * len(owner.specs),
+                                   what=f"shard piece of rank {rank}")
+            if owner.nbytes <= INLINE_BYTES:
+                self._check(owner, pieces, rank)
+            else:
+                await self._thread(self._check, owner, pieces, rank)
+        except ProtocolError as e:  # a merge that needs this piece fails instead of waiting
+            owner.refuse(rank, clock, str(e))
+            self._signal()
+            raise
         owner.put(rank, clock, pieces, delta)
+        self._signal()
         self.stats["received"] += protocol.payload_nbytes(msg.get("pieces")) or \
             _nbytes(pieces)
         return ok()
@@ -151,7 +179,7 @@ class Exchange:
         entries = entries_field(msg.get("merges"))
         owner = await self._owner(fit, gen, protocol.float_field(msg, "timeout", 60.0, lo=0,
                                                                  hi=1e6))
-        await self._thread(owner.catch_up, entries, version)
+        await self.catch_up(owner, entries, version, msg)
         if protocol.bool_field(msg, "pinned", False):
             got = owner.take_pinned(version)
             if got is None and owner.version == version:  # cut after the merge was applied
@@ -168,6 +196,28 @@ class Exchange:
         if rank is not None and pieces is not owner.shard:
             out["center"] = _ser(owner.shard)
         return out
+
+    async def catch_up(self, owner: Owner, entries: list, version: int, msg: dict) -> None:
+        """Apply the merges up to ``version`` to ``owner``'s shard, once the pieces
+        they need came (waiting up to the message's ``timeout`` for pieces still on
+        their way: their senders told the plugin at the same time): on the event loop
+        when the shard is small, else in the exchange's thread."""
+        deadline = time.monotonic() + protocol.float_field(msg, "timeout", 60.0, lo=0,
+                                                           hi=1e6)
+        while owner.missing(entries, version):  # DaskDLError: refused, or never coming
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break  # catch_up says which piece never came
+            if self._arrived is None:
+                self._arrived = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        if owner.nbytes <= INLINE_BYTES:
+            owner.catch_up(entries, version)
+        else:
+            await self._thread(owner.catch_up, entries, version)
 
     async def full(self, **msg) -> dict:
         """Every leaf of the global version this worker holds (``version``: at least)."""

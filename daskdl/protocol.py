@@ -302,7 +302,7 @@ class SyncRequest:
     finite: bool = True  # the update was finite (a sharded update is checked at its worker)
     divergence: float | None = None  # norm of the update (params: of its change)
     sent: int = 0  # bytes sent to shard owners
-    transfer: float = 0.0  # seconds spent sending them (and gathering, the round before)
+    transfer: float = 0.0  # seconds the round before spent sending pieces and gathering
     raw: int = 0  # bytes those would have been uncompressed
     received: int = 0  # bytes gathered from shard owners in the round before
     merge: float = 0.0  # seconds this worker's shard owner spent merging since its last sync

@@ -48,6 +48,7 @@ from distributed.utils import sync
 
 from . import protocol
 from .errors import DaskDLError, RoundDiscarded, SyncAborted, TrainingDiverged
+from .exchange import _nbytes
 from .packing import Packing, packed, worth_packing
 from .plan import chunk_permutation, round_permutation
 from .protocol import RoundSpec, Status, SyncReply, SyncRequest
@@ -530,12 +531,14 @@ class Replica(WorkerPlugin):
 
     def _sync_sharded(self, spec: RoundSpec, leaves: list, samples: int, loss: float,
                       compute_s: float, state) -> SyncReply:
+        """One event-loop call for the whole exchange: the pieces go to their owners
+        while the plugin hears of the arrival (an owner waits for a piece the merge
+        needs and that is still on its way), then the merged shards are gathered."""
         ex = self.exchange
         smap, members = ex.map, spec.members
-        t0 = time.perf_counter()
         finite = all(np.isfinite(x).all() for x in leaves if _inexact(x.dtype))
         delta = spec.sends == "delta" or spec.compression is not None
-        sent = raw = 0
+        parts, sent, raw = None, 0, 0
         if finite:
             parts = [smap.pieces(leaves, j) for j in range(len(members))]
             raw = sum(p.nbytes for j, ps in enumerate(parts) if j != spec.rank for p in ps)
@@ -543,17 +546,11 @@ class Replica(WorkerPlugin):
                 parts = [p if j == spec.rank else
                          self._compressor(j, len(members), spec.compression).compress(p)
                          for j, p in enumerate(parts)]
-            try:
-                sent = self._scatter(spec, parts, delta)
-            except OSError as e:  # an owner left: the generation will change
-                logger.info("daskdl: %s on %s: sending the update failed: %s", spec.where,
-                            self.worker.address, e)
-                return SyncReply(Status.REPLAN, self.version)
+            sent = sum(_nbytes(p) for j, p in enumerate(parts) if j != spec.rank)
         divergence = None
         if finite and delta:
             divergence = float(np.sqrt(sum(float(np.vdot(x, x)) for x in leaves
                                            if _inexact(x.dtype))))
-        t_put = time.perf_counter()
         opt_state = None
         if spec.checkpoint:
             opt_state = to_serialize([np.asarray(x) for x in flatten(state.opt_state)[0]])
@@ -567,26 +564,53 @@ class Replica(WorkerPlugin):
                           compute=compute_s, opt_state=opt_state, state=model_state,
                           steps=samples // spec.batch_size, finite=finite,
                           divergence=divergence, sent=sent,
-                          transfer=t_put - t0 + last.get("gather_s", 0.0), raw=raw,
+                          transfer=last.get("transfer_s", 0.0), raw=raw,
                           received=last.get("bytes_received", 0),
                           merge=max(merge_s - last.get("owner_merge_s", merge_s), 0.0))
+        msg = req.to_msg(self._secret)
+        t_start = time.perf_counter()
+
+        async def exchange():
+            # the pieces and the arrival travel at once; the shards are asked for as soon
+            # as the plugin answers (an owner waits for a piece still on its way, and
+            # fails at once when it refused it)
+            call = asyncio.ensure_future(getattr(self.worker.scheduler, protocol.SYNC)(**msg))
+            puts = asyncio.gather(*(self._put(spec, j, parts[j], delta)
+                                    for j in range(len(parts or ()))), return_exceptions=True)
+            reply = SyncReply.from_msg(await call)
+            t_reply = time.perf_counter()
+            got = None
+            if reply.status in (Status.OK, Status.REJECTED):
+                rank = None if reply.status is Status.REJECTED else spec.rank
+                try:
+                    got = await self._gather(spec, reply.version, list(reply.merges), rank)
+                except (OSError, DaskDLError) as e:  # an owner left or refused a piece
+                    got = e
+            return reply, await puts, t_reply, got
+
         with context_meter.meter("daskdl-sync"):
-            reply = SyncReply.from_msg(self._call(protocol.SYNC, **req.to_msg(self._secret)))
-        if reply.status not in (Status.OK, Status.REJECTED):
+            reply, puts, t_reply, got = sync(self.worker.loop, exchange)
+        if reply.status not in (Status.OK, Status.REJECTED):  # replan, aborted, refused
             return reply
-        t_gather = time.perf_counter()
-        try:
-            rank = None if reply.status is Status.REJECTED else spec.rank
-            params, center, at, received = self._gather(spec, reply.version,
-                                                        list(reply.merges), rank)
-        except (OSError, DaskDLError) as e:  # an owner left: the generation will change
+        for j, r in enumerate(puts):
+            if isinstance(r, OSError):  # an owner left: the generation will change
+                logger.info("daskdl: %s on %s: sending the update failed: %s", spec.where,
+                            self.worker.address, r)
+                return SyncReply(Status.REPLAN, reply.version)
+            if isinstance(r, BaseException):
+                raise r
+            if r.get("status") != Status.OK.value:
+                raise SyncAborted(f"{spec.where}: the owner of shard {j} refused the update: "
+                                  f"{r.get('reason')}")
+        if isinstance(got, BaseException):
             logger.info("daskdl: %s on %s: gathering the shards failed: %s", spec.where,
-                        self.worker.address, e)
+                        self.worker.address, got)
             return SyncReply(Status.REPLAN, reply.version)
+        params, center, at, received = self._assemble(spec, got)
         ex.held = (at, center if center is not None else params, (spec.fit, spec.gen))
         t_end = time.perf_counter()
-        self.timings = {"transfer_s": (t_put - t0) + (t_end - t_gather),
-                        "gather_s": t_end - t_gather, "merge_s": ex.owner.merge_s - merge_s,
+        self.timings = {"transfer_s": t_end - t_start - (reply.waited or 0.0),
+                        "gather_s": t_end - t_reply, "merge_s": ex.owner.merge_s - merge_s,
                         "owner_merge_s": ex.owner.merge_s, "bytes_sent": sent,
                         "bytes_received": received, "compression": raw / sent if sent else 1.0}
         return SyncReply(reply.status, at, params=params, waited=reply.waited,
@@ -600,49 +624,33 @@ class Replica(WorkerPlugin):
             self.feedback[key] = ErrorFeedback(kind, feedback=self.error_feedback)
         return self.feedback[key]
 
-    def _scatter(self, spec: RoundSpec, parts: list, delta: bool) -> int:
-        """Send ``parts[j]`` to the owner of shard ``j`` (this worker's own directly);
-        return the bytes sent over the network."""
-        from .exchange import PUT, _nbytes
+    async def _put(self, spec: RoundSpec, j: int, pieces: list, delta: bool) -> dict:
+        """Send ``pieces`` to the owner of shard ``j`` (this worker's own directly)."""
+        from .exchange import PUT
 
-        ex = self.exchange
+        if j == spec.rank:
+            self.exchange.put_local(spec.rank, spec.clock, pieces, delta)
+            return {"status": Status.OK.value}
+        return await getattr(self.worker.rpc(spec.members[j]), PUT)(
+            run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
+            rank=spec.rank, clock=spec.clock, shard=j, delta=delta,
+            pieces=to_serialize(pieces), timeout=spec.timeout)
 
-        async def put(j):
-            if j == spec.rank:
-                ex.owner.put(spec.rank, spec.clock, parts[j], delta)
-                return {"status": Status.OK.value}
-            return await getattr(self.worker.rpc(spec.members[j]), PUT)(
-                run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
-                rank=spec.rank, clock=spec.clock, shard=j, delta=delta,
-                pieces=to_serialize(parts[j]), timeout=spec.timeout)
-
-        async def scatter():
-            return await asyncio.gather(*(put(j) for j in range(len(parts))))
-
-        for j, r in enumerate(sync(self.worker.loop, scatter)):
-            if r.get("status") != Status.OK.value:
-                raise SyncAborted(f"{spec.where}: the owner of shard {j} refused the update: "
-                                  f"{r.get('reason')}")
-        return sum(_nbytes(p) for j, p in enumerate(parts) if j != spec.rank)
-
-    def _gather(self, spec: RoundSpec, version: int, merges: list, rank):
-        """The merged shards of ``version`` from their owners, assembled: ``(params
-        to continue from, the global params when they differ (policy replies),
-        version)``."""
+    async def _gather(self, spec: RoundSpec, version: int, merges: list, rank) -> list:
+        """The merged shards of ``version`` from their owners: ``(pieces, center,
+        version)`` for each shard (on the event loop; see :meth:`_assemble`)."""
         from .exchange import GET
-        from .shards import check_pieces
 
         ex = self.exchange
-        smap, members = ex.map, spec.members
+        entries = [_entry(m) for m in merges]
 
         async def get(j):
-            if j == spec.rank:  # this worker's own shard: merged in the exchange's thread
-                await asyncio.get_running_loop().run_in_executor(
-                    ex.pool, ex.owner.catch_up, [_entry(m) for m in merges], version)
+            if j == spec.rank:  # this worker's own shard
+                await ex.catch_up(ex.owner, entries, version, {"timeout": spec.timeout})
                 pieces, at = ex.owner.get(rank)
                 center = ex.owner.shard if pieces is not ex.owner.shard else None
                 return pieces, center, at
-            r = await getattr(self.worker.rpc(members[j]), GET)(
+            r = await getattr(self.worker.rpc(spec.members[j]), GET)(
                 run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
                 version=version, rank=rank, merges=merges, timeout=spec.timeout)
             if r.get("status") != Status.OK.value:
@@ -651,10 +659,14 @@ class Replica(WorkerPlugin):
             center = protocol.load(r["center"]) if r.get("center") is not None else None
             return pieces, center, int(r["version"])
 
-        async def gather():
-            return await asyncio.gather(*(get(j) for j in range(len(members))))
+        return await asyncio.gather(*(get(j) for j in range(len(spec.members))))
 
-        got = sync(self.worker.loop, gather)
+    def _assemble(self, spec: RoundSpec, got: list):
+        """``(params to continue from, the global params when they differ (policy
+        replies), version, bytes received)`` from the shards :meth:`_gather` got."""
+        from .shards import check_pieces
+
+        smap = self.exchange.map
         received = 0
         for j, (pieces, center, _) in enumerate(got):
             check_pieces(pieces, smap.piece_specs(j), f"shard {j}", finite=False)

@@ -7,14 +7,16 @@ flat parameter list, the ``j``-th of ``n`` contiguous pieces of the raveled leaf
 ``1/n`` of the model).  A round (see :mod:`daskdl.replica`):
 
 1. a worker sends piece ``j`` of its contribution to owner ``j`` (reduce-scatter),
-   worker to worker, then tells the scheduler plugin it arrived (a few numbers);
+   worker to worker, and at the same time tells the scheduler plugin it arrived (a
+   few numbers);
 2. the plugin's barrier decides as on the scheduler path and logs each merge as a
    :class:`MergeEntry` (which contributions, in which order, the new version);
 3. a worker released gathers the shards of that version from their owners
    (all-gather); an owner applies the logged merges it has not applied yet, in
    version order, with the policy's own ``merge`` over its shard
-   (:meth:`Owner.catch_up`): a list of flat arrays, so elementwise policies run
-   unchanged and give the same bits as on the scheduler path.
+   (:meth:`Owner.catch_up`, once a piece still on its way came): a list of
+   flat arrays, so elementwise policies run unchanged and give the same bits as on
+   the scheduler path.
 
 Everything here is plain Python and numpy (no Dask): the worker handlers in
 :mod:`daskdl.replica` call it.
@@ -220,7 +222,10 @@ class Owner:
     It holds the shard of the global parameters at ``version``, its piece of the
     policy state, the pieces of contributions sent to it and not merged yet, and
     the policy's replies to each rank (EASGD).  Thread-safe: the worker's event loop
-    stores pieces, merges run in a thread.
+    stores pieces, merges run in a thread (or on the loop, for small shards).  A
+    worker sends its pieces and tells the plugin it arrived at the same time, so a
+    merge the plugin logged may reach an owner before one of its pieces: the
+    exchange waits until :meth:`missing` is empty before :meth:`catch_up`.
     """
 
     def __init__(self, policy: Policy, gen: int, j: int, shard: list, version: int,
@@ -228,12 +233,15 @@ class Owner:
         self.policy, self.gen, self.j = policy, gen, j
         self.shard, self.version = list(shard), int(version)
         self.specs = list(specs)  # of the pieces
+        self.nbytes = sum(s.nbytes for s in self.specs)
         self.state = policy.init(self.shard) if policy_state is None else policy_state
         self.pending: dict[tuple, tuple] = {}  # (rank, clock) -> (pieces, delta?)
+        self.refused: dict[tuple, str] = {}  # (rank, clock) -> why its piece was refused
         self.replies: dict[int, list] = {}  # rank -> pieces it continues from
         self.pinned: dict[int, tuple] = {}  # version -> (shard, state, replies)
         self.decode = decode  # decodes compressed pieces (daskdl.compression.decompress)
         self.lock = threading.Lock()
+        self.retired = False
         self.merge_s = 0.0
 
     def __repr__(self) -> str:
@@ -244,48 +252,85 @@ class Owner:
         with self.lock:
             self.pending[(rank, clock)] = (pieces, delta)
 
+    def refuse(self, rank: int, clock: int, why: str) -> None:
+        """The piece of ``rank`` after round ``clock`` was refused: a merge that needs
+        it fails at once instead of waiting for it."""
+        with self.lock:
+            self.refused[(rank, clock)] = why
+
+    def retire(self) -> None:
+        """A new generation took over: merges still waiting for pieces give up."""
+        with self.lock:
+            self.retired = True
+
     def base(self, rank: int) -> list:
         """What ``rank`` started its round from on this shard."""
         return self.replies.get(rank, self.shard)
 
+    def _todo(self, entries: Sequence[MergeEntry], upto: int) -> list[MergeEntry]:
+        return sorted((e for e in entries if self.version < e.version <= upto),
+                      key=lambda e: e.version)
+
+    def missing(self, entries: Sequence[MergeEntry], upto: int) -> list[tuple]:
+        """The ``(rank, clock)`` of the pieces the merges up to ``upto`` need and that
+        are not here yet; DaskDLError when one of them was refused, or this owner
+        retired while pieces are missing (they will never come)."""
+        with self.lock:
+            out = [(c[0], c[1]) for e in self._todo(entries, upto) for c in e.contributions
+                   if (c[0], c[1]) not in self.pending]
+            for key in out:
+                if key in self.refused:
+                    raise DaskDLError(f"shard {self.j}: the update of rank {key[0]} after "
+                                      f"round {key[1]} was refused: {self.refused[key]}")
+            if out and self.retired:
+                raise DaskDLError(f"shard {self.j}: the update of rank {out[0][0]} after "
+                                  f"round {out[0][1]} never came (a new generation started)")
+            return out
+
     def catch_up(self, entries: Sequence[MergeEntry], upto: int) -> None:
         """Apply the merges of ``entries`` after :attr:`version`, up to ``upto``, in
-        version order.  DaskDLError when one is missing or a piece did not come."""
-        import time
-
+        version order (see :meth:`missing` to wait for their pieces first).
+        DaskDLError when a merge or a piece is missing, or a piece was refused."""
         with self.lock:
-            todo = sorted((e for e in entries if self.version < e.version <= upto),
-                          key=lambda e: e.version)
-            for e in todo:
+            for e in self._todo(entries, upto):
                 if e.version != self.version + 1:
                     raise DaskDLError(f"shard {self.j} is at version {self.version}; merge "
                                       f"{e.version} cannot be applied before "
                                       f"{self.version + 1}")
-                t0 = time.perf_counter()
-                contributions = []
-                for rank, clock, samples, version, loss in e.contributions:
-                    got = self.pending.pop((rank, clock), None)
-                    if got is None:
-                        raise DaskDLError(f"shard {self.j}: the update of rank {rank} after "
-                                          f"round {clock} never came")
-                    pieces, delta = got
-                    if self.decode is not None:
-                        pieces = self.decode(pieces)
-                    if delta and self.policy.sends == "params":
-                        pieces = [b + d if _floating(b.dtype) else d
-                                  for b, d in zip(self.base(rank), pieces)]
-                    contributions.append(Contribution(rank, pieces, samples, version, loss))
-                merged = Merged(*self.policy.merge(self.state, self.shard, contributions,
-                                                   SyncInfo(self.version, e.members)))
-                check_shapes(merged.params, self.specs, f"merge result of {self.policy.name}")
-                self.shard, self.state = list(merged.params), merged.state
-                for r, rep in (merged.replies or {}).items():
-                    check_shapes(rep, self.specs, f"{self.policy.name} reply to rank {r}")
-                    self.replies[int(r)] = list(rep)
-                self.version = e.version
-                if e.pin:
-                    self.pinned[e.version] = (self.shard, self.state, dict(self.replies))
-                self.merge_s += time.perf_counter() - t0
+                for r, c, *_ in e.contributions:
+                    if (r, c) in self.refused:
+                        raise DaskDLError(f"shard {self.j}: the update of rank {r} after "
+                                          f"round {c} was refused: {self.refused[(r, c)]}")
+                    if (r, c) not in self.pending:
+                        raise DaskDLError(f"shard {self.j}: the update of rank {r} after "
+                                          f"round {c} never came")
+                self._apply(e)
+
+    def _apply(self, e: MergeEntry) -> None:
+        """Merge ``e`` (every piece here; the lock held)."""
+        import time
+
+        t0 = time.perf_counter()
+        contributions = []
+        for rank, clock, samples, version, loss in e.contributions:
+            pieces, delta = self.pending.pop((rank, clock))
+            if self.decode is not None:
+                pieces = self.decode(pieces)
+            if delta and self.policy.sends == "params":
+                pieces = [b + d if _floating(b.dtype) else d
+                          for b, d in zip(self.base(rank), pieces)]
+            contributions.append(Contribution(rank, pieces, samples, version, loss))
+        merged = Merged(*self.policy.merge(self.state, self.shard, contributions,
+                                           SyncInfo(self.version, e.members)))
+        check_shapes(merged.params, self.specs, f"merge result of {self.policy.name}")
+        self.shard, self.state = list(merged.params), merged.state
+        for r, rep in (merged.replies or {}).items():
+            check_shapes(rep, self.specs, f"{self.policy.name} reply to rank {r}")
+            self.replies[int(r)] = list(rep)
+        self.version = e.version
+        if e.pin:
+            self.pinned[e.version] = (self.shard, self.state, dict(self.replies))
+        self.merge_s += time.perf_counter() - t0
 
     def get(self, rank: int | None) -> tuple[list, int]:
         """The pieces ``rank`` continues from (its reply, or the shard) and the
@@ -302,10 +347,6 @@ class Owner:
             for v in [v for v in self.pinned if v < version]:
                 del self.pinned[v]
             return self.pinned.pop(version, None)
-
-    def drop_pending(self, rank: int, clock: int) -> None:
-        with self.lock:
-            self.pending.pop((rank, clock), None)
 
 
 def check_shapes(pieces, specs: Sequence[Spec], what: str) -> None:

@@ -105,6 +105,71 @@ def test_an_owner_refuses_a_gap_and_names_a_missing_update():
     assert owner.version == 0  # nothing applied
 
 
+def test_an_owner_names_the_pieces_a_merge_still_waits_for():
+    owner = _owner(ddl.BSP(every=1), [np.zeros(2, np.float32)])
+    entries = [MergeEntry(1, ((0, 0, 1, 0, None), (1, 0, 1, 0, None)), (0, 1))]
+    owner.put(0, 0, [np.ones(2, np.float32)], delta=False)
+    assert owner.missing(entries, 1) == [(1, 0)]
+    assert owner.missing(entries, 0) == []  # nothing asked
+    owner.refuse(1, 0, "piece 0 is float64[2], expected float32[2]")
+    with pytest.raises(DaskDLError, match="rank 1 after round 0 was refused: piece 0"):
+        owner.missing(entries, 1)
+    with pytest.raises(DaskDLError, match="was refused"):
+        owner.catch_up(entries, 1)
+    assert owner.version == 0
+    other = _owner(ddl.BSP(every=1), [np.zeros(2, np.float32)])
+    other.retire()
+    assert other.missing([], 1) == []
+    with pytest.raises(DaskDLError, match="never came .a new generation started"):
+        other.missing(entries, 1)
+
+
+def test_the_exchange_merges_once_a_piece_on_its_way_comes():
+    """The plugin may log a merge before a piece reaches its owner (a worker sends its
+    pieces and its arrival at once): the exchange waits for the piece, merges, and
+    fails at once when the piece was refused."""
+    import asyncio
+
+    from daskdl.exchange import Exchange
+
+    class _Worker:
+        address = "tcp://127.0.0.1:1"
+        loop = None
+
+    async def main():
+        ex = Exchange(_Worker(), ddl.BSP(every=1))
+        try:
+            specs = specs_of([np.zeros(4, np.float32)])
+            ex.set_owner((0, 0), ("a", "b"), ShardMap(specs, 1),
+                         _owner(ddl.BSP(every=1), [np.zeros(4, np.float32)]))
+            entries = [MergeEntry(1, ((0, 0, 8, 0, None), (1, 0, 8, 0, None)), (0, 1))]
+            ex.put_local(0, 0, [np.full(4, 1.0, np.float32)], False)
+            task = asyncio.ensure_future(ex.catch_up(ex.owner, entries, 1, {"timeout": 30}))
+            await asyncio.sleep(0.05)
+            assert not task.done() and ex.owner.version == 0  # waits for rank 1's piece
+            ex.put_local(1, 0, [np.full(4, 3.0, np.float32)], False)
+            await asyncio.wait_for(task, 5)
+            assert ex.owner.version == 1
+            np.testing.assert_array_equal(ex.owner.shard[0], np.full(4, 2.0, np.float32))
+            # a refused piece: the waiting merge fails at once, not after the timeout
+            entries.append(MergeEntry(2, ((0, 1, 8, 1, None), (1, 1, 8, 1, None)), (0, 1)))
+            task = asyncio.ensure_future(ex.catch_up(ex.owner, entries, 2, {"timeout": 30}))
+            await asyncio.sleep(0.05)
+            ex.owner.refuse(1, 1, "wrong shape")
+            ex._signal()
+            with pytest.raises(DaskDLError, match="rank 1 after round 1 was refused"):
+                await asyncio.wait_for(task, 5)
+            # a piece that never comes: named after the timeout
+            with pytest.raises(DaskDLError, match="rank 0 after round 1 never came"):
+                await ex.catch_up(ex.owner, [MergeEntry(2, ((0, 1, 8, 1, None),), (0, 1))],
+                                  2, {"timeout": 0.1})
+            assert ex.owner.version == 1
+        finally:
+            ex.pool.shutdown(wait=False)
+
+    asyncio.run(main())
+
+
 def test_a_merge_that_changes_the_shard_shape_is_refused():
     bad = Policy("Bad", 1, no_state, ddl.all_arrived,
                  lambda s, g, c, i: Merged([np.zeros(3, np.float32)], s))
