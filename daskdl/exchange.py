@@ -1,6 +1,6 @@
 """Worker-to-worker exchange of parameter shards (``sync="sharded"``).
 
-Each worker serves four handlers, registered once by the first replica and
+Each worker serves five handlers, registered once by the first replica and
 dispatched by run to that run's :class:`Exchange` (the pattern of
 ``distributed.shuffle``: worker handlers, ``worker.rpc(address)`` between workers,
 heavy work in a thread, a run id and the run secret on every message):
@@ -8,6 +8,7 @@ heavy work in a thread, a run id and the run secret on every message):
 ====================  ===========================================================
 ``daskdl_shard_put``  a contribution's piece for the shard this worker owns
 ``daskdl_shard_get``  the shard (or this rank's reply) after the merges given
+``daskdl_shard_push`` a shard an owner merged ahead (group policies; see below)
 ``daskdl_shard_full`` every leaf of the global version this worker holds
 ``daskdl_shard_held`` which global version this worker holds (freeze, end of fit)
 ====================  ===========================================================
@@ -17,11 +18,19 @@ shard is answered ``refused`` and changes nothing.  Merges and checks of shards
 larger than :data:`INLINE_BYTES` run in the exchange's thread, never on the event
 loop; smaller ones run on it (a thread hop costs more than they do), except a merge
 that must wait for a piece still on its way.
+
+Under a group policy an owner holding every member's piece of a round merges it
+at once (:meth:`Owner.speculate`) and pushes the shard to the other members,
+tagged with the merge it is; a member takes it instead of asking the owner when
+the plugin's answer logs that very merge for that version, and asks otherwise.
+The push is only ever a shortcut: lost, late or another merge, the ``get`` path
+is taken, and the owner's shard follows the plugin's entries only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,15 +38,19 @@ from concurrent.futures import ThreadPoolExecutor
 from . import protocol
 from .errors import DaskDLError
 from .protocol import ProtocolError, Status, ok, refused
-from .shards import Owner, ShardMap, check_pieces, entries_field
+from .shards import MergeEntry, Owner, ShardMap, check_pieces, entries_field, same_merge
+
+logger = logging.getLogger("daskdl")
 
 PUT = "daskdl_shard_put"
 GET = "daskdl_shard_get"
+PUSH = "daskdl_shard_push"
 FULL = "daskdl_shard_full"
 HELD = "daskdl_shard_held"
-HANDLERS = (PUT, GET, FULL, HELD)
-_METHODS = {PUT: "put", GET: "get", FULL: "full", HELD: "held_version"}
+HANDLERS = (PUT, GET, PUSH, FULL, HELD)
+_METHODS = {PUT: "put", GET: "get", PUSH: "pushed", FULL: "full", HELD: "held_version"}
 INLINE_BYTES = 4 * 2**20  # shards up to this size are checked and merged on the event loop
+PUSH_WAIT_S = 0.05  # a member waits this long (plus 2 s per GB of shard) for a push
 
 
 def install(worker) -> None:
@@ -62,10 +75,13 @@ class Exchange:
     """One replica's side of sharded synchronisation: the shard it owns in the
     current generation, and the global parameters it last assembled."""
 
-    def __init__(self, worker, policy, decode=None):
+    def __init__(self, worker, policy, decode=None, run: str | None = None,
+                 secret: str | None = None):
         self.worker = worker
         self.policy = policy
         self.decode = decode
+        self.run, self._secret = run, secret  # for pushes (none without them)
+        self.inbox: dict[int, tuple] = {}  # shard -> ((fit, gen), entry, pieces) pushed
         self.owner: Owner | None = None
         self.key = None  # (fit, generation) of the owner
         self.map: ShardMap | None = None
@@ -74,7 +90,7 @@ class Exchange:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="daskdl-shards")
         self._changed: asyncio.Event | None = None
         self._arrived: asyncio.Event | None = None  # set (and replaced) when a piece comes
-        self.stats = {"sent": 0, "received": 0, "served": 0}
+        self.stats = {"sent": 0, "received": 0, "served": 0, "pushed": 0, "taken": 0}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -87,6 +103,7 @@ class Exchange:
         if self.owner is not None and self.owner is not owner:
             self.owner.retire()  # merges of the old generation waiting for pieces give up
         self.key, self.members, self.map, self.owner = key, members, shard_map, owner
+        self.inbox.clear()
         if self._changed is not None:
             self._changed.set()
         self._changed = asyncio.Event()
@@ -98,10 +115,100 @@ class Exchange:
             self._arrived.set()
         self._arrived = asyncio.Event()
 
-    def put_local(self, rank: int, clock: int, pieces: list, delta: bool) -> None:
+    def put_local(self, rank: int, clock: int, pieces: list, delta: bool,
+                  meta: tuple | None = None) -> None:
         """This worker's own piece for the shard it owns (on the event loop)."""
-        self.owner.put(rank, clock, pieces, delta)
+        self.owner.put(rank, clock, pieces, delta, meta)
         self._signal()
+        self._speculate(self.owner, clock)
+
+    # -- merges ahead, pushed (group policies) ---------------------------------------------
+    def _speculate(self, owner: Owner, clock: int) -> None:
+        """Merge round ``clock`` ahead once every member's piece is here, and push the
+        shard to the other members (on the event loop; large shards in the thread)."""
+        if not self.policy.group or self.run is None or owner is not self.owner:
+            return
+        ranks = range(len(self.members))
+        if owner.nbytes <= INLINE_BYTES:
+            self._push(owner, owner.speculate(clock, ranks))
+        else:
+            async def ahead():
+                self._push(owner, await self._thread(owner.speculate, clock, ranks))
+            asyncio.ensure_future(ahead())
+
+    def _push(self, owner: Owner, got) -> None:
+        """Send each other member what a ``get`` of the merge ahead would answer it."""
+        if got is None or owner is not self.owner:
+            return
+        entry, shard, replies = got
+        fit, gen = self.key
+        for r, address in enumerate(self.members):
+            if r != owner.j:
+                center = shard if r in replies else None
+                asyncio.ensure_future(self._push_to(address, fit, gen, owner.j, entry,
+                                                    replies.get(r, shard), center))
+
+    async def _push_to(self, address: str, fit: int, gen: int, j: int, entry, pieces,
+                       center) -> None:
+        try:
+            await getattr(self.worker.rpc(address), PUSH)(
+                run=self.run, secret=self._secret, fit=fit, gen=gen, shard=j,
+                entry=entry.to_msg(), pieces=_ser(pieces),
+                center=None if center is None else _ser(center))
+            self.stats["pushed"] += _nbytes(pieces) + _nbytes(center)
+        except Exception as e:  # noqa: BLE001  (a shortcut only: the member will ask)
+            logger.debug("daskdl: pushing shard %d to %s failed: %r", j, address, e)
+
+    async def pushed(self, **msg) -> dict:
+        """Handler: a shard another owner merged ahead (kept for :meth:`take`)."""
+        key = (protocol.int_field(msg, "fit"), protocol.int_field(msg, "gen"))
+        j = protocol.int_field(msg, "shard", 0, 1_000_000)
+        entry = MergeEntry.from_msg(msg.get("entry"))
+        if key != self.key or self.map is None:
+            return ok()  # another generation: of no use here
+        if not 0 <= j < len(self.members) or j == self.owner.j:
+            raise ProtocolError(f"shard {j} cannot be pushed to this worker")
+        limit = self.map.nbytes(j) + 64 * 1024 + 64 * len(self.map.specs)
+        got = []
+        for name in ("pieces", "center"):
+            if name == "center" and msg.get(name) is None:
+                got.append(None)
+                continue
+            pieces = protocol.load(msg.get(name), limit=limit, what=f"shard {j} pushed")
+            check_pieces(pieces, self.map.piece_specs(j), f"shard {j} pushed", finite=False)
+            got.append(pieces)
+        self.inbox[j] = (key, entry, *got)
+        self._signal()
+        return ok()
+
+    async def take(self, j: int, key: tuple, version: int, entries) -> tuple | None:
+        """``(pieces, center)`` of shard ``j`` at ``version``, pushed by its owner as
+        the merge the plugin logged for that version (taken out), else ``None``: then
+        ask the owner.  Waits a little for a push still on its way when the plugin's
+        entry is a merge of every member's update (the case an owner merges ahead)."""
+        logged = next((e for e in entries if e.version == version), None)
+        if logged is None or not self.policy.group or \
+                len(logged.contributions) != len(self.members):
+            return None
+        deadline = time.monotonic() + PUSH_WAIT_S + 2e-9 * self.map.nbytes(j)
+        while True:
+            got = self.inbox.get(j)
+            if got is not None and got[0] == key and got[1].version >= version:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if self._arrived is None:
+                self._arrived = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                return None
+        if not same_merge(logged, got[1]):
+            return None
+        del self.inbox[j]
+        self.stats["taken"] += 1
+        return got[2], got[3]
 
     async def _owner(self, fit: int, gen: int, timeout: float) -> Owner:
         """The owner of generation ``(fit, gen)``, waiting for this worker to reach it."""
@@ -146,10 +253,16 @@ class Exchange:
             owner.refuse(rank, clock, str(e))
             self._signal()
             raise
-        owner.put(rank, clock, pieces, delta)
+        meta = None
+        if msg.get("samples") is not None:  # what the sender told the plugin
+            meta = (protocol.int_field(msg, "samples", 0),
+                    protocol.int_field(msg, "base", -1),
+                    protocol.float_field(msg, "loss", None, allow_none=True))
+        owner.put(rank, clock, pieces, delta, meta)
         self._signal()
         self.stats["received"] += protocol.payload_nbytes(msg.get("pieces")) or \
             _nbytes(pieces)
+        self._speculate(owner, clock)
         return ok()
 
     def _check(self, owner: Owner, pieces, rank: int) -> None:
@@ -251,7 +364,7 @@ def _nbytes(pieces) -> int:
 
 
 __all__ = ["Exchange", "install", "fetch_global", "fetch_pinned", "HANDLERS", "PUT", "GET",
-           "FULL", "HELD"]
+           "PUSH", "FULL", "HELD"]
 
 
 async def _gather_from(rpc, members: dict, specs, version: int, what: str, **msg) -> list:

@@ -211,7 +211,8 @@ class Replica(WorkerPlugin):
             from .exchange import Exchange, install
 
             install(worker)
-            self.exchange = Exchange(worker, self.policy, decode=decompress)
+            self.exchange = Exchange(worker, self.policy, decode=decompress, run=self.run,
+                                     secret=self._secret)
 
     def teardown(self, worker):
         self.reader.close()
@@ -568,6 +569,7 @@ class Replica(WorkerPlugin):
                           received=last.get("bytes_received", 0),
                           merge=max(merge_s - last.get("owner_merge_s", merge_s), 0.0))
         msg = req.to_msg(self._secret)
+        taken = ex.stats["taken"]
         t_start = time.perf_counter()
 
         async def exchange():
@@ -575,7 +577,8 @@ class Replica(WorkerPlugin):
             # as the plugin answers (an owner waits for a piece still on its way, and
             # fails at once when it refused it)
             call = asyncio.ensure_future(getattr(self.worker.scheduler, protocol.SYNC)(**msg))
-            puts = asyncio.gather(*(self._put(spec, j, parts[j], delta)
+            meta = (samples, self.version, loss)  # as the plugin hears them
+            puts = asyncio.gather(*(self._put(spec, j, parts[j], delta, meta)
                                     for j in range(len(parts or ()))), return_exceptions=True)
             reply = SyncReply.from_msg(await call)
             t_reply = time.perf_counter()
@@ -612,7 +615,8 @@ class Replica(WorkerPlugin):
         self.timings = {"transfer_s": t_end - t_start - (reply.waited or 0.0),
                         "gather_s": t_end - t_reply, "merge_s": ex.owner.merge_s - merge_s,
                         "owner_merge_s": ex.owner.merge_s, "bytes_sent": sent,
-                        "bytes_received": received, "compression": raw / sent if sent else 1.0}
+                        "bytes_received": received, "compression": raw / sent if sent else 1.0,
+                        "pushed": ex.stats["taken"] - taken}
         return SyncReply(reply.status, at, params=params, waited=reply.waited,
                          reason=reply.reason, state=reply.state, steps=reply.steps)
 
@@ -624,21 +628,26 @@ class Replica(WorkerPlugin):
             self.feedback[key] = ErrorFeedback(kind, feedback=self.error_feedback)
         return self.feedback[key]
 
-    async def _put(self, spec: RoundSpec, j: int, pieces: list, delta: bool) -> dict:
-        """Send ``pieces`` to the owner of shard ``j`` (this worker's own directly)."""
+    async def _put(self, spec: RoundSpec, j: int, pieces: list, delta: bool,
+                   meta: tuple) -> dict:
+        """Send ``pieces`` to the owner of shard ``j`` (this worker's own directly),
+        with the ``(samples, version, loss)`` the plugin hears (merges ahead)."""
         from .exchange import PUT
 
         if j == spec.rank:
-            self.exchange.put_local(spec.rank, spec.clock, pieces, delta)
+            self.exchange.put_local(spec.rank, spec.clock, pieces, delta, meta)
             return {"status": Status.OK.value}
+        samples, base, loss = meta
         return await getattr(self.worker.rpc(spec.members[j]), PUT)(
             run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
             rank=spec.rank, clock=spec.clock, shard=j, delta=delta,
-            pieces=to_serialize(pieces), timeout=spec.timeout)
+            pieces=to_serialize(pieces), timeout=spec.timeout, samples=samples, base=base,
+            loss=loss)
 
     async def _gather(self, spec: RoundSpec, version: int, merges: list, rank) -> list:
         """The merged shards of ``version`` from their owners: ``(pieces, center,
-        version)`` for each shard (on the event loop; see :meth:`_assemble`)."""
+        version)`` for each shard (on the event loop; see :meth:`_assemble`); a shard
+        its owner pushed as the very merge the plugin logged is taken as it is."""
         from .exchange import GET
 
         ex = self.exchange
@@ -650,6 +659,9 @@ class Replica(WorkerPlugin):
                 pieces, at = ex.owner.get(rank)
                 center = ex.owner.shard if pieces is not ex.owner.shard else None
                 return pieces, center, at
+            pushed = await ex.take(j, (spec.fit, spec.gen), version, entries)
+            if pushed is not None:
+                return pushed[0], pushed[1], version
             r = await getattr(self.worker.rpc(spec.members[j]), GET)(
                 run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
                 version=version, rank=rank, merges=merges, timeout=spec.timeout)

@@ -226,6 +226,14 @@ class Owner:
     worker sends its pieces and tells the plugin it arrived at the same time, so a
     merge the plugin logged may reach an owner before one of its pieces: the
     exchange waits until :meth:`missing` is empty before :meth:`catch_up`.
+
+    Under a group policy (BSP, EASGD, DiLoCo) the plugin merges every member's
+    update of a round, in rank order: once an owner holds every member's piece of a
+    round it computes that merge ahead (:meth:`speculate`) and the exchange pushes
+    the result to the members, so they need not ask for it.  The plugin stays the
+    authority: the merge ahead is kept apart and becomes the shard only when the
+    plugin's own entry for that version is the same merge (:meth:`_apply`); a
+    member takes a pushed shard only under the same condition.
     """
 
     def __init__(self, policy: Policy, gen: int, j: int, shard: list, version: int,
@@ -236,6 +244,8 @@ class Owner:
         self.nbytes = sum(s.nbytes for s in self.specs)
         self.state = policy.init(self.shard) if policy_state is None else policy_state
         self.pending: dict[tuple, tuple] = {}  # (rank, clock) -> (pieces, delta?)
+        self.meta: dict[tuple, tuple] = {}  # (rank, clock) -> (samples, version, loss)
+        self.ahead: tuple | None = None  # (entry, shard, state, replies): see speculate
         self.refused: dict[tuple, str] = {}  # (rank, clock) -> why its piece was refused
         self.replies: dict[int, list] = {}  # rank -> pieces it continues from
         self.pinned: dict[int, tuple] = {}  # version -> (shard, state, replies)
@@ -247,10 +257,14 @@ class Owner:
     def __repr__(self) -> str:
         return f"<Owner of shard {self.j}, generation {self.gen}, version {self.version}>"
 
-    def put(self, rank: int, clock: int, pieces: list, delta: bool) -> None:
-        """A contribution's piece (already checked)."""
+    def put(self, rank: int, clock: int, pieces: list, delta: bool,
+            meta: tuple | None = None) -> None:
+        """A contribution's piece (already checked); ``meta``: its ``(samples,
+        version, loss)`` as the sender told the plugin (for :meth:`speculate`)."""
         with self.lock:
             self.pending[(rank, clock)] = (pieces, delta)
+            if meta is not None:
+                self.meta[(rank, clock)] = meta
 
     def refuse(self, rank: int, clock: int, why: str) -> None:
         """The piece of ``rank`` after round ``clock`` was refused: a merge that needs
@@ -307,13 +321,31 @@ class Owner:
                 self._apply(e)
 
     def _apply(self, e: MergeEntry) -> None:
-        """Merge ``e`` (every piece here; the lock held)."""
+        """Merge ``e`` (every piece here; the lock held): the merge computed ahead
+        when it is the same one, else the policy's merge now."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and same_merge(ahead[0], e):
+            shard, state, replies = ahead[1:]
+        else:
+            shard, state, replies = self._merged(e)
+        for key in ((r, c) for r, c, *_ in e.contributions):
+            self.pending.pop(key, None)
+            self.meta.pop(key, None)
+        self.shard, self.state = shard, state
+        self.replies.update(replies)
+        self.version = e.version
+        if e.pin:
+            self.pinned[e.version] = (self.shard, self.state, dict(self.replies))
+
+    def _merged(self, e: MergeEntry) -> tuple:
+        """``(shard, policy state, replies)`` after merge ``e`` of the pieces here,
+        this owner unchanged (the lock held)."""
         import time
 
         t0 = time.perf_counter()
         contributions = []
         for rank, clock, samples, version, loss in e.contributions:
-            pieces, delta = self.pending.pop((rank, clock))
+            pieces, delta = self.pending[(rank, clock)]
             if self.decode is not None:
                 pieces = self.decode(pieces)
             if delta and self.policy.sends == "params":
@@ -323,14 +355,39 @@ class Owner:
         merged = Merged(*self.policy.merge(self.state, self.shard, contributions,
                                            SyncInfo(self.version, e.members)))
         check_shapes(merged.params, self.specs, f"merge result of {self.policy.name}")
-        self.shard, self.state = list(merged.params), merged.state
+        replies = {}
         for r, rep in (merged.replies or {}).items():
             check_shapes(rep, self.specs, f"{self.policy.name} reply to rank {r}")
-            self.replies[int(r)] = list(rep)
-        self.version = e.version
-        if e.pin:
-            self.pinned[e.version] = (self.shard, self.state, dict(self.replies))
+            replies[int(r)] = list(rep)
         self.merge_s += time.perf_counter() - t0
+        return list(merged.params), merged.state, replies
+
+    def speculate(self, clock: int, members: Sequence[int]) -> tuple | None:
+        """Under a group policy, the merge of round ``clock`` computed ahead once the
+        pieces of every rank of ``members`` are here: ``(entry, shard, replies)``
+        (what :meth:`get` will answer each rank: its reply where it has one, else the
+        shard), or ``None``.  The entry is what the plugin logs when every member's
+        update is merged (ranks in order, each with the samples, version and loss it
+        told the plugin); the result becomes the shard only if the plugin's entry is
+        the same (see :meth:`_apply`)."""
+        if not self.policy.group:
+            return None
+        with self.lock:
+            keys = [(r, clock) for r in sorted(members)]
+            if self.retired or (self.ahead is not None and
+                                self.ahead[0].version == self.version + 1):
+                return None
+            if any(k not in self.pending or k not in self.meta for k in keys):
+                return None
+            entry = MergeEntry(self.version + 1,
+                               tuple((r, c, *self.meta[(r, c)]) for r, c in keys),
+                               tuple(sorted(members)))
+            try:
+                shard, state, replies = self._merged(entry)
+            except Exception:  # noqa: BLE001  (the merge the plugin asks for will say why)
+                return None
+            self.ahead = (entry, shard, state, replies)
+            return entry, shard, {**self.replies, **replies}
 
     def get(self, rank: int | None) -> tuple[list, int]:
         """The pieces ``rank`` continues from (its reply, or the shard) and the
@@ -349,6 +406,13 @@ class Owner:
             return self.pinned.pop(version, None)
 
 
+def same_merge(a: MergeEntry, b: MergeEntry) -> bool:
+    """Whether two merge entries merge the same contributions into the same version
+    (a checkpoint pin aside)."""
+    return (a.version == b.version and a.members == b.members
+            and a.contributions == b.contributions)
+
+
 def check_shapes(pieces, specs: Sequence[Spec], what: str) -> None:
     if len(pieces) != len(specs) or any(np.shape(p) != s.shape or np.asarray(p).dtype != s.dtype
                                         for p, s in zip(pieces, specs)):
@@ -357,5 +421,5 @@ def check_shapes(pieces, specs: Sequence[Spec], what: str) -> None:
 
 __all__ = ["SYNC_MODES", "AUTO_SHARDED_BYTES", "check_sync", "choose_sync", "Spec",
            "specs_of", "ShardMap", "check_pieces", "MergeEntry", "entries_field",
-           "split_state", "join_states", "Owner"]
+           "split_state", "join_states", "Owner", "same_merge"]
 

@@ -170,6 +170,91 @@ def test_the_exchange_merges_once_a_piece_on_its_way_comes():
     asyncio.run(main())
 
 
+def test_an_owner_merges_a_round_ahead_and_keeps_it_only_for_the_same_merge():
+    """Under a group policy an owner holding every member's piece of a round merges
+    it ahead; the result becomes the shard only when the plugin logs that very merge
+    (same contributions, same order, same version), else the logged merge runs."""
+    def owners():
+        a, b = (_owner(ddl.BSP(every=1), [np.zeros(4, np.float32)]) for _ in range(2))
+        for o in (a, b):
+            o.put(0, 0, [np.full(4, 1.0, np.float32)], False, (8, 0, 0.5))
+            o.put(1, 0, [np.full(4, 4.0, np.float32)], False, (24, 0, 0.25))
+        return a, b
+
+    full = MergeEntry(1, ((0, 0, 8, 0, 0.5), (1, 0, 24, 0, 0.25)), (0, 1), pin=True)
+    ahead, plain = owners()
+    entry, shard, replies = ahead.speculate(0, (0, 1))
+    assert entry.version == 1 and entry.contributions == full.contributions and not replies
+    np.testing.assert_array_equal(shard[0], np.full(4, 3.25, np.float32))
+    assert ahead.version == 0 and ahead.shard[0].sum() == 0  # not the shard yet
+    assert ahead.speculate(0, (0, 1)) is None  # once
+    ahead.catch_up([full], 1)
+    plain.catch_up([full], 1)
+    assert ahead.shard[0] is shard[0] and ahead.version == 1 and 1 in ahead.pinned
+    np.testing.assert_array_equal(ahead.shard[0], plain.shard[0])
+    assert not ahead.pending and not ahead.meta
+
+    # the plugin logged another merge (rank 1's update rejected): the logged one runs
+    ahead, plain = owners()
+    assert ahead.speculate(0, (0, 1)) is not None
+    only0 = MergeEntry(1, ((0, 0, 8, 0, 0.5),), (0, 1))
+    ahead.catch_up([only0], 1)
+    plain.catch_up([only0], 1)
+    np.testing.assert_array_equal(ahead.shard[0], np.full(4, 1.0, np.float32))
+    np.testing.assert_array_equal(ahead.shard[0], plain.shard[0])
+    # a piece missing, a policy that is not a group merge: nothing ahead
+    lone = _owner(ddl.BSP(every=1), [np.zeros(4, np.float32)])
+    lone.put(0, 0, [np.ones(4, np.float32)], False, (8, 0, 0.5))
+    assert lone.speculate(0, (0, 1)) is None and lone.ahead is None
+    ssp = _owner(ddl.SSP(every=1, staleness=1), [np.zeros(4, np.float32)])
+    ssp.put(0, 0, [np.ones(4, np.float32)], True, (8, 0, 0.5))
+    assert ssp.speculate(0, (0,)) is None
+
+
+def test_a_pushed_shard_is_taken_only_as_the_merge_the_plugin_logged():
+    import asyncio
+
+    from daskdl.exchange import Exchange
+
+    class _Worker:
+        address = "tcp://127.0.0.1:1"
+        loop = None
+
+    async def main():
+        ex = Exchange(_Worker(), ddl.BSP(every=1))
+        try:
+            specs = specs_of([np.zeros(4, np.float32)])
+            ex.set_owner((0, 0), ("a", "b"), ShardMap(specs, 2),
+                         _owner(ddl.BSP(every=1), [np.zeros(2, np.float32)]))
+            logged = [MergeEntry(1, ((0, 0, 8, 0, 0.5), (1, 0, 8, 0, 0.5)), (0, 1))]
+            pushed = [np.full(2, 7.0, np.float32)]
+            other = MergeEntry(1, ((0, 0, 8, 0, 0.5), (1, 0, 8, 0, 0.75)), (0, 1))
+            ex.inbox[1] = ((0, 0), other, pushed, None)
+            assert await ex.take(1, (0, 0), 1, logged) is None  # another merge: ask
+            ex.inbox[1] = ((0, 1), logged[0], pushed, None)
+            assert await ex.take(1, (0, 0), 1, logged) is None  # another generation
+            # on its way: taken when it comes
+            task = asyncio.ensure_future(ex.take(1, (0, 0), 1, logged))
+            await asyncio.sleep(0.01)
+            ex.inbox[1] = ((0, 0), logged[0], pushed, None)
+            ex._signal()
+            got = await asyncio.wait_for(task, 5)
+            assert got[0] is pushed and 1 not in ex.inbox and ex.stats["taken"] == 1
+            # never comes: the member asks the owner after a short wait
+            t0 = time.monotonic()
+            assert await ex.take(1, (0, 0), 1, logged) is None
+            assert time.monotonic() - t0 < 5
+            # a merge of some members only is never merged ahead: no wait at all
+            part = [MergeEntry(1, ((0, 0, 8, 0, 0.5),), (0, 1))]
+            t0 = time.monotonic()
+            assert await ex.take(1, (0, 0), 1, part) is None
+            assert time.monotonic() - t0 < 0.01
+        finally:
+            ex.pool.shutdown(wait=False)
+
+    asyncio.run(main())
+
+
 def test_a_merge_that_changes_the_shard_shape_is_refused():
     bad = Policy("Bad", 1, no_state, ddl.all_arrived,
                  lambda s, g, c, i: Merged([np.zeros(3, np.float32)], s))
@@ -226,6 +311,8 @@ def test_sharded_is_bit_identical_to_the_scheduler_path(client2, digits, policy)
     assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["transfer_s"] > 0
     ranks = info_h["metrics"]["ranks"]
     assert all(ranks[k]["bytes_in"] > 0 and ranks[k]["transfer_s"] > 0 for k in ranks)
+    # the owners merged ahead and pushed the shards (EASGD: each rank its own reply)
+    assert sum(r["pushed"] for r in tr_h.rounds) > 0
 
 
 def test_the_scheduler_holds_no_parameter_bytes_while_a_sharded_run_trains(client2, digits):
@@ -294,6 +381,18 @@ def test_shard_handlers_refuse_a_wrong_secret_wrong_shapes_and_unknown_runs(clie
         assert reply["status"] == "refused" and "NaN" in reply["reason"]
         reply = client2.sync(rpc.daskdl_shard_full, run=tr.run, secret="x" * 32, version=0)
         assert reply["status"] == "refused"
+
+        def push(**kw):
+            entry = MergeEntry(10**6, ((0, 0, 8, 0, 0.5), (1, 0, 8, 0, 0.5)), (0, 1))
+            msg = dict(run=tr.run, secret=tr._secret, fit=tr._fits, gen=0, shard=1,
+                       entry=entry.to_msg(), pieces=[np.zeros(3, np.float32)])
+            msg.update(kw)
+            return client2.sync(rpc.daskdl_shard_push, **msg)
+
+        assert "wrong secret" in push(secret="x" * 32)["reason"]
+        assert push()["status"] == "refused"  # not shaped like shard 1
+        assert push(shard=0)["status"] == "refused"  # its own shard
+        assert push(entry=["junk"])["status"] == "refused"
         # nothing changed: a fit from here starts where the last one ended
         tr._fetch_params()
         for a, b in zip(before, jax.tree_util.tree_leaves(tr.params)):
