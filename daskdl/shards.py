@@ -35,7 +35,10 @@ from .protocol import ProtocolError
 from .tree import aligned_empty
 
 SYNC_MODES = ("auto", "scheduler", "sharded")
-AUTO_SHARDED_BYTES = 8 * 2**20  # sync="auto" shards models of at least this many bytes
+# sync="auto" shards models of at least this many bytes: from 2 MB sharded was never
+# slower than the scheduler path with 2 or 4 workers (docs/benchmarks.md, "Where
+# sync='auto' cuts over"); at 1 MB with 4 workers it was
+AUTO_SHARDED_BYTES = 2 * 2**20
 
 
 def check_sync(sync) -> str:

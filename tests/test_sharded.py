@@ -21,8 +21,8 @@ from daskdl import protocol
 from daskdl.errors import DaskDLError
 from daskdl.policies import Contribution, Merged, Policy, no_state
 from daskdl.protocol import ProtocolError
-from daskdl.shards import (MergeEntry, Owner, ShardMap, Spec, check_sync, choose_sync,
-                           join_states, specs_of, split_state)
+from daskdl.shards import (AUTO_SHARDED_BYTES, MergeEntry, Owner, ShardMap, Spec, check_sync,
+                           choose_sync, join_states, specs_of, split_state)
 
 from .conftest import init_mlp, loss_fn
 from .test_policies_cluster import train
@@ -286,6 +286,10 @@ def test_sync_and_compression_arguments_are_checked_before_anything_starts():
         check_sync("allreduce")
     assert choose_sync("auto", 1000) == "scheduler"
     assert choose_sync("auto", 10**9) == "sharded"
+    assert choose_sync("auto", AUTO_SHARDED_BYTES - 1) == "scheduler"
+    assert choose_sync("auto", AUTO_SHARDED_BYTES) == "sharded"
+    # throughput.py's 784-512-512-10 MLP (2.7 MB) syncs sharded under "auto"
+    assert choose_sync("auto", 4 * (784 * 512 + 512 + 512 * 512 + 512 + 5120 + 10)) == "sharded"
     assert choose_sync("scheduler", 10**9) == "scheduler"
     params = init_mlp(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="needs sync='sharded'"):

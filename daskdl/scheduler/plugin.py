@@ -228,7 +228,7 @@ class TrainingPlugin(SchedulerPlugin):
             self._make_room()
         else:
             self._retire(old, "the run was restarted", wait=True)
-        self.runs[run] = st = self._new_run(req, secret)
+        self.runs[run] = self._new_run(req, secret)
         logger.info("daskdl run %s started with %d workers under %s(every=%d)",
                     run, len(req.members), req.policy.name, req.policy.every)
         return ok()
