@@ -91,9 +91,12 @@ class Exchange:
         self._changed: asyncio.Event | None = None
         self._arrived: asyncio.Event | None = None  # set (and replaced) when a piece comes
         self.stats = {"sent": 0, "received": 0, "served": 0, "pushed": 0, "taken": 0}
+        self._tasks: set = set()  # merges ahead and pushes in flight (kept referenced)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._tasks and self.worker.loop is not None:  # on the loop: this is another thread
+            self.worker.loop.add_callback(self._cancel_tasks)
         if self._changed is not None:
             self.worker.loop.add_callback(self._changed.set)
 
@@ -134,7 +137,17 @@ class Exchange:
         else:
             async def ahead():
                 self._push(owner, await self._thread(owner.speculate, clock, ranks))
-            asyncio.ensure_future(ahead())
+            self._start(ahead())
+
+    def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _start(self, coro) -> None:
+        """Run ``coro`` on the event loop, referenced until done (cancelled at close)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _push(self, owner: Owner, got) -> None:
         """Send each other member what a ``get`` of the merge ahead would answer it."""
@@ -145,8 +158,8 @@ class Exchange:
         for r, address in enumerate(self.members):
             if r != owner.j:
                 center = shard if r in replies else None
-                asyncio.ensure_future(self._push_to(address, fit, gen, owner.j, entry,
-                                                    replies.get(r, shard), center))
+                self._start(self._push_to(address, fit, gen, owner.j, entry,
+                                          replies.get(r, shard), center))
 
     async def _push_to(self, address: str, fit: int, gen: int, j: int, entry, pieces,
                        center) -> None:
@@ -166,8 +179,14 @@ class Exchange:
         entry = MergeEntry.from_msg(msg.get("entry"))
         if key != self.key or self.map is None:
             return ok()  # another generation: of no use here
-        if not 0 <= j < len(self.members) or j == self.owner.j:
-            raise ProtocolError(f"shard {j} cannot be pushed to this worker")
+        if not 0 <= j < len(self.members):
+            raise ProtocolError(f"shard {j} pushed: there are {len(self.members)} shards")
+        if j == self.owner.j:
+            raise ProtocolError(f"shard {j} pushed to its own owner")
+        if len(entry.contributions) > len(self.members):
+            raise ProtocolError(f"shard {j} pushed: its merge lists "
+                                f"{len(entry.contributions)} updates for "
+                                f"{len(self.members)} workers")
         limit = self.map.nbytes(j) + 64 * 1024 + 64 * len(self.map.specs)
         got = []
         for name in ("pieces", "center"):
@@ -181,19 +200,26 @@ class Exchange:
         self._signal()
         return ok()
 
-    async def take(self, j: int, key: tuple, version: int, entries) -> tuple | None:
-        """``(pieces, center)`` of shard ``j`` at ``version``, pushed by its owner as
-        the merge the plugin logged for that version (taken out), else ``None``: then
-        ask the owner.  Waits a little for a push still on its way when the plugin's
-        entry is a merge of every member's update (the case an owner merges ahead)."""
+    async def take(self, j: int, key: tuple, version: int, entries,
+                   rank: int | None) -> tuple | None:
+        """``(pieces, center)`` of shard ``j`` at ``version`` for ``rank``, pushed by
+        its owner as the merge the plugin logged for that version (taken out), else
+        ``None``: then ask the owner.  Waits a little for a push still on its way when
+        the plugin's entry is a merge of every member's update (the case an owner
+        merges ahead).  ``rank=None`` (an update rejected: start again from the global
+        shard) takes nothing: a push holds what this rank continues from, which under
+        EASGD is its own reply, not the global shard."""
         logged = next((e for e in entries if e.version == version), None)
-        if logged is None or not self.policy.group or \
-                len(logged.contributions) != len(self.members):
+        if rank is None or key != self.key or self.map is None or logged is None or \
+                not self.policy.group or len(logged.contributions) != len(self.members):
             return None
         deadline = time.monotonic() + PUSH_WAIT_S + 2e-9 * self.map.nbytes(j)
         while True:
             got = self.inbox.get(j)
-            if got is not None and got[0] == key and got[1].version >= version:
+            if got is not None and (got[0] != key or got[1].version < version):
+                del self.inbox[j]  # an older generation's or version's: never of use
+                got = None
+            if got is not None:
                 break
             left = deadline - time.monotonic()
             if left <= 0:

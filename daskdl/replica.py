@@ -577,7 +577,8 @@ class Replica(WorkerPlugin):
             # as the plugin answers (an owner waits for a piece still on its way, and
             # fails at once when it refused it)
             call = asyncio.ensure_future(getattr(self.worker.scheduler, protocol.SYNC)(**msg))
-            meta = (samples, self.version, loss)  # as the plugin hears them
+            # as the plugin hears them (a loss that is not finite arrives as None)
+            meta = (samples, self.version, loss if np.isfinite(loss) else None)
             puts = asyncio.gather(*(self._put(spec, j, parts[j], delta, meta)
                                     for j in range(len(parts or ()))), return_exceptions=True)
             reply = SyncReply.from_msg(await call)
@@ -659,7 +660,7 @@ class Replica(WorkerPlugin):
                 pieces, at = ex.owner.get(rank)
                 center = ex.owner.shard if pieces is not ex.owner.shard else None
                 return pieces, center, at
-            pushed = await ex.take(j, (spec.fit, spec.gen), version, entries)
+            pushed = await ex.take(j, (spec.fit, spec.gen), version, entries, rank)
             if pushed is not None:
                 return pushed[0], pushed[1], version
             r = await getattr(self.worker.rpc(spec.members[j]), GET)(

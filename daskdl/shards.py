@@ -265,7 +265,11 @@ class Owner:
         """A contribution's piece (already checked); ``meta``: its ``(samples,
         version, loss)`` as the sender told the plugin (for :meth:`speculate`)."""
         with self.lock:
+            if (rank, clock) in self.pending and self.ahead is not None and any(
+                    (r, c) == (rank, clock) for r, c, *_ in self.ahead[0].contributions):
+                self.ahead = None  # merged ahead from the piece this one replaces
             self.pending[(rank, clock)] = (pieces, delta)
+            self.meta.pop((rank, clock), None)
             if meta is not None:
                 self.meta[(rank, clock)] = meta
 
@@ -334,6 +338,13 @@ class Owner:
         for key in ((r, c) for r, c, *_ in e.contributions):
             self.pending.pop(key, None)
             self.meta.pop(key, None)
+        if self.policy.group and e.contributions:
+            # lockstep: a piece of an earlier round left out of its merge (its update
+            # was rejected) is never merged later; drop it rather than keep it
+            first = min(c for _, c, *_ in e.contributions)
+            for d in (self.pending, self.meta, self.refused):
+                for key in [k for k in d if k[1] < first]:
+                    del d[key]
         self.shard, self.state = shard, state
         self.replies.update(replies)
         self.version = e.version

@@ -202,6 +202,25 @@ def test_an_owner_merges_a_round_ahead_and_keeps_it_only_for_the_same_merge():
     plain.catch_up([only0], 1)
     np.testing.assert_array_equal(ahead.shard[0], np.full(4, 1.0, np.float32))
     np.testing.assert_array_equal(ahead.shard[0], plain.shard[0])
+    # a piece replaced after the merge ahead: the merge runs again on the new piece
+    ahead, plain = owners()
+    assert ahead.speculate(0, (0, 1)) is not None
+    for o in (ahead, plain):
+        o.put(1, 0, [np.full(4, 8.0, np.float32)], False, (24, 0, 0.25))
+    assert ahead.ahead is None
+    ahead.catch_up([full], 1)
+    plain.catch_up([full], 1)
+    np.testing.assert_array_equal(ahead.shard[0], np.full(4, 6.25, np.float32))
+    np.testing.assert_array_equal(ahead.shard[0], plain.shard[0])
+    # a piece left out of its round's merge (the update was rejected) goes at the next
+    ahead, _ = owners()
+    ahead.catch_up([only0], 1)
+    assert (1, 0) in ahead.pending and (1, 0) in ahead.meta
+    ahead.refuse(1, 0, "late")
+    for r in (0, 1):
+        ahead.put(r, 1, [np.ones(4, np.float32)], False, (8, 1, 0.5))
+    ahead.catch_up([MergeEntry(2, ((0, 1, 8, 1, 0.5), (1, 1, 8, 1, 0.5)), (0, 1))], 2)
+    assert not ahead.pending and not ahead.meta and not ahead.refused
     # a piece missing, a policy that is not a group merge: nothing ahead
     lone = _owner(ddl.BSP(every=1), [np.zeros(4, np.float32)])
     lone.put(0, 0, [np.ones(4, np.float32)], False, (8, 0, 0.5))
@@ -230,11 +249,11 @@ def test_a_pushed_shard_is_taken_only_as_the_merge_the_plugin_logged():
             pushed = [np.full(2, 7.0, np.float32)]
             other = MergeEntry(1, ((0, 0, 8, 0, 0.5), (1, 0, 8, 0, 0.75)), (0, 1))
             ex.inbox[1] = ((0, 0), other, pushed, None)
-            assert await ex.take(1, (0, 0), 1, logged) is None  # another merge: ask
+            assert await ex.take(1, (0, 0), 1, logged, 0) is None  # another merge: ask
             ex.inbox[1] = ((0, 1), logged[0], pushed, None)
-            assert await ex.take(1, (0, 0), 1, logged) is None  # another generation
+            assert await ex.take(1, (0, 0), 1, logged, 0) is None  # another generation
             # on its way: taken when it comes
-            task = asyncio.ensure_future(ex.take(1, (0, 0), 1, logged))
+            task = asyncio.ensure_future(ex.take(1, (0, 0), 1, logged, 0))
             await asyncio.sleep(0.01)
             ex.inbox[1] = ((0, 0), logged[0], pushed, None)
             ex._signal()
@@ -242,13 +261,23 @@ def test_a_pushed_shard_is_taken_only_as_the_merge_the_plugin_logged():
             assert got[0] is pushed and 1 not in ex.inbox and ex.stats["taken"] == 1
             # never comes: the member asks the owner after a short wait
             t0 = time.monotonic()
-            assert await ex.take(1, (0, 0), 1, logged) is None
+            assert await ex.take(1, (0, 0), 1, logged, 0) is None
             assert time.monotonic() - t0 < 5
             # a merge of some members only is never merged ahead: no wait at all
             part = [MergeEntry(1, ((0, 0, 8, 0, 0.5),), (0, 1))]
             t0 = time.monotonic()
-            assert await ex.take(1, (0, 0), 1, part) is None
+            assert await ex.take(1, (0, 0), 1, part, 0) is None
             assert time.monotonic() - t0 < 0.01
+            # an update rejected (rank None: start from the global shard): a push holds
+            # what the rank continues from (under EASGD its own reply), so never taken
+            ex.inbox[1] = ((0, 0), logged[0], pushed, [np.zeros(2, np.float32)])
+            t0 = time.monotonic()
+            assert await ex.take(1, (0, 0), 1, logged, None) is None
+            assert time.monotonic() - t0 < 0.01 and 1 in ex.inbox
+            # a push of an older version is dropped, not kept for ever
+            later = [MergeEntry(2, ((0, 1, 8, 1, 0.5), (1, 1, 8, 1, 0.5)), (0, 1))]
+            assert await ex.take(1, (0, 0), 2, later, 0) is None
+            assert 1 not in ex.inbox
         finally:
             ex.pool.shutdown(wait=False)
 
@@ -393,10 +422,18 @@ def test_shard_handlers_refuse_a_wrong_secret_wrong_shapes_and_unknown_runs(clie
             msg.update(kw)
             return client2.sync(rpc.daskdl_shard_push, **msg)
 
+        smap = ddl.shards.ShardMap(specs_of(before), 2)
+        shaped = {j: [np.zeros(s.shape, s.dtype) for s in smap.piece_specs(j)] for j in (0, 1)}
         assert "wrong secret" in push(secret="x" * 32)["reason"]
-        assert push()["status"] == "refused"  # not shaped like shard 1
-        assert push(shard=0)["status"] == "refused"  # its own shard
-        assert push(entry=["junk"])["status"] == "refused"
+        assert "shard 1 pushed must be a list" in push()["reason"]  # not shaped like shard 1
+        assert "pushed to its own owner" in push(shard=0, pieces=shaped[0])["reason"]
+        assert "there are 2 shards" in push(shard=7, pieces=shaped[1])["reason"]
+        assert push(entry=["junk"], pieces=shaped[1])["status"] == "refused"
+        crowded = MergeEntry(10**6, tuple((r, 0, 8, 0, 0.5) for r in range(3)), (0, 1))
+        reply = push(entry=crowded.to_msg(), pieces=shaped[1])
+        assert "lists 3 updates for 2 workers" in reply["reason"], reply
+        # another generation's push, well formed: of no use, ignored (nothing kept)
+        assert push(gen=9, pieces=shaped[1])["status"] == "OK"
         # nothing changed: a fit from here starts where the last one ended
         tr._fetch_params()
         for a, b in zip(before, jax.tree_util.tree_leaves(tr.params)):
