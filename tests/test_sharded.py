@@ -124,24 +124,31 @@ def test_an_owner_names_the_pieces_a_merge_still_waits_for():
         other.missing(entries, 1)
 
 
-def test_the_exchange_merges_once_a_piece_on_its_way_comes():
-    """The plugin may log a merge before a piece reaches its owner (a worker sends its
-    pieces and its arrival at once): the exchange waits for the piece, merges, and
-    fails at once when the piece was refused."""
-    import asyncio
-
+def _local_exchange(shards: int):
+    """An Exchange (BSP, 2 members) owning shard 0 of one 4-float leaf cut in
+    ``shards``, with no cluster behind it (call from a running event loop)."""
     from daskdl.exchange import Exchange
 
     class _Worker:
         address = "tcp://127.0.0.1:1"
         loop = None
 
+    ex = Exchange(_Worker(), ddl.BSP(every=1))
+    smap = ShardMap(specs_of([np.zeros(4, np.float32)]), shards)
+    ex.set_owner((0, 0), ("a", "b"), smap,
+                 _owner(ddl.BSP(every=1), [np.zeros(4 // shards, np.float32)]))
+    return ex
+
+
+def test_the_exchange_merges_once_a_piece_on_its_way_comes():
+    """The plugin may log a merge before a piece reaches its owner (a worker sends its
+    pieces and its arrival at once): the exchange waits for the piece, merges, and
+    fails at once when the piece was refused."""
+    import asyncio
+
     async def main():
-        ex = Exchange(_Worker(), ddl.BSP(every=1))
+        ex = _local_exchange(shards=1)
         try:
-            specs = specs_of([np.zeros(4, np.float32)])
-            ex.set_owner((0, 0), ("a", "b"), ShardMap(specs, 1),
-                         _owner(ddl.BSP(every=1), [np.zeros(4, np.float32)]))
             entries = [MergeEntry(1, ((0, 0, 8, 0, None), (1, 0, 8, 0, None)), (0, 1))]
             ex.put_local(0, 0, [np.full(4, 1.0, np.float32)], False)
             task = asyncio.ensure_future(ex.catch_up(ex.owner, entries, 1, {"timeout": 30}))
@@ -233,18 +240,9 @@ def test_an_owner_merges_a_round_ahead_and_keeps_it_only_for_the_same_merge():
 def test_a_pushed_shard_is_taken_only_as_the_merge_the_plugin_logged():
     import asyncio
 
-    from daskdl.exchange import Exchange
-
-    class _Worker:
-        address = "tcp://127.0.0.1:1"
-        loop = None
-
     async def main():
-        ex = Exchange(_Worker(), ddl.BSP(every=1))
+        ex = _local_exchange(shards=2)
         try:
-            specs = specs_of([np.zeros(4, np.float32)])
-            ex.set_owner((0, 0), ("a", "b"), ShardMap(specs, 2),
-                         _owner(ddl.BSP(every=1), [np.zeros(2, np.float32)]))
             logged = [MergeEntry(1, ((0, 0, 8, 0, 0.5), (1, 0, 8, 0, 0.5)), (0, 1))]
             pushed = [np.full(2, 7.0, np.float32)]
             other = MergeEntry(1, ((0, 0, 8, 0, 0.5), (1, 0, 8, 0, 0.75)), (0, 1))
