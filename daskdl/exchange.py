@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-from . import protocol
+from . import protocol, shm
 from .errors import DaskDLError
 from .protocol import ProtocolError, Status, ok, refused
 from .shards import MergeEntry, Owner, ShardMap, check_pieces, entries_field, same_merge
@@ -65,6 +65,8 @@ def _dispatch(worker, name: str):
         try:
             ex = protocol.replica_part(worker, msg, "exchange")
             return await getattr(ex, _METHODS[name])(**msg)
+        except shm.ShmUnavailable as e:  # the sender sends it again over the comm
+            return dict(refused(str(e)), shm=False)
         except (ProtocolError, DaskDLError) as e:
             return refused(str(e))
     handle.__name__ = name
@@ -76,8 +78,13 @@ class Exchange:
     current generation, and the global parameters it last assembled."""
 
     def __init__(self, worker, policy, decode=None, run: str | None = None,
-                 secret: str | None = None):
+                 secret: str | None = None, shared_memory: bool = False):
         self.worker = worker
+        # payloads for workers of this host through /dev/shm (see daskdl.shm)
+        self.outbox = None
+        if shared_memory and shm.available() and getattr(worker, "address", None):
+            self.outbox = shm.Outbox(worker.address)
+        self.shm_in = shm.Inbox()
         self.policy = policy
         self.decode = decode
         self.run, self._secret = run, secret  # for pushes (none without them)
@@ -95,6 +102,9 @@ class Exchange:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.outbox is not None:
+            self.outbox.close()
+        self.shm_in.close()
         if self._tasks and self.worker.loop is not None:  # on the loop: this is another thread
             self.worker.loop.add_callback(self._cancel_tasks)
         if self._changed is not None:
@@ -163,11 +173,13 @@ class Exchange:
 
     async def _push_to(self, address: str, fit: int, gen: int, j: int, entry, pieces,
                        center) -> None:
-        try:
-            await getattr(self.worker.rpc(address), PUSH)(
+        def call(pieces, center):
+            return getattr(self.worker.rpc(address), PUSH)(
                 run=self.run, secret=self._secret, fit=fit, gen=gen, shard=j,
-                entry=entry.to_msg(), pieces=_ser(pieces),
-                center=None if center is None else _ser(center))
+                entry=entry.to_msg(), pieces=pieces, center=center)
+
+        try:
+            await shm.send(self.outbox, address, "push", [pieces, center], call, _ser)
             self.stats["pushed"] += _nbytes(pieces) + _nbytes(center)
         except Exception as e:  # noqa: BLE001  (a shortcut only: the member will ask)
             logger.debug("daskdl: pushing shard %d to %s failed: %r", j, address, e)
@@ -193,7 +205,7 @@ class Exchange:
             if name == "center" and msg.get(name) is None:
                 got.append(None)
                 continue
-            pieces = protocol.load(msg.get(name), limit=limit, what=f"shard {j} pushed")
+            pieces = self.load(msg.get(name), limit=limit, what=f"shard {j} pushed")
             check_pieces(pieces, self.map.piece_specs(j), f"shard {j} pushed", finite=False)
             got.append(pieces)
         self.inbox[j] = (key, entry, *got)
@@ -268,9 +280,9 @@ class Exchange:
             raise ProtocolError(f"this worker owns shard {owner.j}, not {msg.get('shard')}")
         limit = owner.nbytes
         try:
-            pieces = protocol.load(msg.get("pieces"),
-                                   limit=limit + 64 * 1024 + 64 * len(owner.specs),
-                                   what=f"shard piece of rank {rank}")
+            pieces = self.load(msg.get("pieces"),
+                               limit=limit + 64 * 1024 + 64 * len(owner.specs),
+                               what=f"shard piece of rank {rank}")
             if owner.nbytes <= INLINE_BYTES:
                 self._check(owner, pieces, rank)
             else:
@@ -290,6 +302,13 @@ class Exchange:
             _nbytes(pieces)
         self._speculate(owner, clock)
         return ok()
+
+    def load(self, obj, limit: int | None = None, what: str = "payload"):
+        """A payload as it arrived: serialized over the comm, or a reference to
+        the sender's shared memory (copied out here)."""
+        if shm.Inbox.is_ref(obj):
+            return self.shm_in.load(obj, limit=limit, what=what)
+        return protocol.load(obj, limit=limit, what=what)
 
     def _check(self, owner: Owner, pieces, rank: int) -> None:
         what = f"shard {owner.j} of the update of rank {rank}"

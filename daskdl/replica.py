@@ -46,7 +46,7 @@ from distributed.metrics import context_meter
 from distributed.protocol.serialize import to_serialize
 from distributed.utils import sync
 
-from . import protocol
+from . import protocol, shm
 from .errors import DaskDLError, RoundDiscarded, SyncAborted, TrainingDiverged
 from .exchange import _nbytes
 from .packing import Packing, packed, worth_packing
@@ -150,8 +150,10 @@ class Replica(WorkerPlugin):
 
     def __init__(self, run: str, secret: str, loss_fn, optimizer, template, seed: int,
                  state_template=None, shard_params: bool = False, policy=None,
-                 sharded: bool = False, error_feedback: bool = True):
+                 sharded: bool = False, error_feedback: bool = True,
+                 shared_memory: bool = True):
         self.run = run
+        self.shared_memory = shared_memory  # sharded: same-host payloads via /dev/shm
         self.policy = policy  # sync="sharded": this worker merges the shard it owns
         self.sharded = sharded
         self.error_feedback = error_feedback  # compressed updates: keep what rounding lost
@@ -212,7 +214,7 @@ class Replica(WorkerPlugin):
 
             install(worker)
             self.exchange = Exchange(worker, self.policy, decode=decompress, run=self.run,
-                                     secret=self._secret)
+                                     secret=self._secret, shared_memory=self.shared_memory)
 
     def teardown(self, worker):
         self.reader.close()
@@ -570,6 +572,7 @@ class Replica(WorkerPlugin):
                           merge=max(merge_s - last.get("owner_merge_s", merge_s), 0.0))
         msg = req.to_msg(self._secret)
         taken = ex.stats["taken"]
+        shm_sent = ex.outbox.stats["sent"] if ex.outbox is not None else 0
         t_start = time.perf_counter()
 
         async def exchange():
@@ -617,7 +620,9 @@ class Replica(WorkerPlugin):
                         "gather_s": t_end - t_reply, "merge_s": ex.owner.merge_s - merge_s,
                         "owner_merge_s": ex.owner.merge_s, "bytes_sent": sent,
                         "bytes_received": received, "compression": raw / sent if sent else 1.0,
-                        "pushed": ex.stats["taken"] - taken}
+                        "pushed": ex.stats["taken"] - taken,
+                        "shm": (ex.outbox.stats["sent"] if ex.outbox is not None else 0)
+                        - shm_sent}
         return SyncReply(reply.status, at, params=params, waited=reply.waited,
                          reason=reply.reason, state=reply.state, steps=reply.steps)
 
@@ -639,11 +644,17 @@ class Replica(WorkerPlugin):
             self.exchange.put_local(spec.rank, spec.clock, pieces, delta, meta)
             return {"status": Status.OK.value}
         samples, base, loss = meta
-        return await getattr(self.worker.rpc(spec.members[j]), PUT)(
-            run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
-            rank=spec.rank, clock=spec.clock, shard=j, delta=delta,
-            pieces=to_serialize(pieces), timeout=spec.timeout, samples=samples, base=base,
-            loss=loss)
+        address = spec.members[j]
+
+        def call(payload):
+            return getattr(self.worker.rpc(address), PUT)(
+                run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
+                rank=spec.rank, clock=spec.clock, shard=j, delta=delta,
+                pieces=payload, timeout=spec.timeout, samples=samples, base=base,
+                loss=loss)
+
+        return await shm.send(self.exchange.outbox, address, "put", [pieces], call,
+                              to_serialize)
 
     async def _gather(self, spec: RoundSpec, version: int, merges: list, rank) -> list:
         """The merged shards of ``version`` from their owners: ``(pieces, center,

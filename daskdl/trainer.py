@@ -26,6 +26,7 @@ from .errors import DaskDLError, SyncAborted
 from .fitloop import FitConfig, FitLoop, FitResult, FitStart
 from .plan import make_plan
 from .relay import relay_group_setting
+from .shm import shared_memory_setting
 from .policies import Policy, from_config
 from .replica import Replica, evaluate_chunk, predict_chunk, replica_name
 from .scheduler import TrainingPlugin
@@ -225,6 +226,7 @@ class Trainer:
             raise ValueError(f"daskdl.task-seconds must be a positive duration such as "
                              f"'0.5s', not {config.get('task-seconds')!r}")
         self.relay_group = relay_group_setting(config.get("relay-group"))
+        self.shared_memory = shared_memory_setting(config.get("shared-memory"))
         self.sync_timeout = config.get_seconds("sync-timeout", sync_timeout)
         self.max_rejections = int(config.get("max-rejections"))
         self._faults = _faults_from_config()
@@ -346,7 +348,8 @@ class Trainer:
                                   self._template, self.seed, self._state_template,
                                   self.shard_params, policy=self.policy,
                                   sharded=self.sync == "sharded",
-                                  error_feedback=bool(config.get("error-feedback"))),
+                                  error_feedback=bool(config.get("error-feedback")),
+                                  shared_memory=self.shared_memory),
                           name=replica_name(self.run))
 
     def _batch_spec(self, dataset: Dataset, rows: int) -> dict:

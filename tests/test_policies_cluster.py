@@ -14,11 +14,13 @@ from daskdl.workerenv import cluster_config
 from .conftest import accuracy, init_mlp, loss_fn
 
 
-def train(client, digits, policy, epochs=2, seed=0, slowdown=None, batch_size=32, **kw):
+def train(client, digits, policy, epochs=2, seed=0, slowdown=None, batch_size=32, params=None,
+          **kw):
     x, y = digits
     train_ds, test_ds = ddl.Dataset.from_arrays(x=x, y=y).split(0.8, seed=0)
     cfg = {"daskdl.testing.slowdown": slowdown or {}}
-    with dask.config.set(cfg), ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)),
+    params = init_mlp(jax.random.PRNGKey(0)) if params is None else params
+    with dask.config.set(cfg), ddl.Trainer(loss_fn, params,
                                            optax.adam(3e-3), policy=policy,
                                            batch_size=batch_size, client=client,
                                            seed=seed, **kw) as tr:
