@@ -24,7 +24,8 @@ For each size, number of workers N and mode, in one invocation:
   with ``sync`` one of ``scheduler`` (every parameter byte through the scheduler
   plugin), ``sharded`` (workers exchange shards directly: reduce-scatter + all-gather;
   the scheduler only coordinates) or ``auto``, and ``compression`` ``bf16`` or
-  ``int8``.  A ``Trainer`` without these arguments (TypeError) makes the mode "n/a";
+  ``int8``; a ``-comm`` suffix (``sharded-comm``) sets ``daskdl.shared-memory: false``
+  (pieces over Dask's comm even between workers of this host).  A ``Trainer`` without these arguments (TypeError) makes the mode "n/a";
   plain ``scheduler`` then runs as ``Trainer()`` does today, which is that path.
   Reported: sync ms per round (median over every worker's rounds of ``sync_s``) and
   its parts ``transfer_s``, ``merge_s``, ``wait_s`` when the rounds carry them;
@@ -69,6 +70,7 @@ import tempfile
 import threading
 import time
 
+import dask
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -125,18 +127,23 @@ def parse_mode(mode: str) -> dict:
     """``"sharded-int8"`` -> ``{"sync": "sharded", "compression": "int8"}``;
     ``"sharded-overlap"`` (or ``"sharded-int8-overlap"``) adds ``overlap=True``."""
     parts = mode.split("-")
+    comm = parts[-1] == "comm"
+    if comm:
+        parts = parts[:-1]
     overlap = parts[-1] == "overlap"
     if overlap:
         parts = parts[:-1]
     sync, compression = parts[0], "-".join(parts[1:])
     if sync not in ("scheduler", "sharded", "auto") or compression not in ("", "bf16", "int8"):
         raise SystemExit(f"unknown mode {mode!r}: <scheduler|sharded|auto>[-bf16|-int8]"
-                         "[-overlap]")
+                         "[-overlap][-comm]")
     kwargs = {"sync": sync}
     if compression:
         kwargs["compression"] = compression
     if overlap:
         kwargs["overlap"] = True
+    if comm:  # config, not an argument: daskdl.shared-memory
+        kwargs["shared_memory"] = False
     return kwargs
 
 
@@ -290,10 +297,12 @@ def measure_trainer(cluster: Cluster, mode: str, params: dict, warm: ddl.Dataset
     """Warm-up fit, then a measured fit, of one trainer on ``cluster``."""
     client = cluster.client
     kwargs = parse_mode(mode)
+    shared = kwargs.pop("shared_memory", "auto")
     note = None
     try:
-        tr = ddl.Trainer(loss_fn, params, optax.sgd(0.05), policy=ddl.BSP(every=EVERY),
-                         batch_size=BATCH, client=client, **kwargs)
+        with dask.config.set({"daskdl.shared-memory": shared}):
+            tr = ddl.Trainer(loss_fn, params, optax.sgd(0.05), policy=ddl.BSP(every=EVERY),
+                             batch_size=BATCH, client=client, **kwargs)
     except TypeError as e:
         if kwargs != {"sync": "scheduler"}:
             raise Unavailable(str(e)) from e

@@ -47,6 +47,7 @@ import statistics
 import sys
 import time
 
+import dask
 import jax
 import numpy as np
 import optax
@@ -314,6 +315,9 @@ def main():
     p.add_argument("--no-ddp", action="store_true", help="skip the ddp-2 baseline")
     p.add_argument("--sync", default="auto", choices=("auto", "scheduler", "sharded"),
                    help="Trainer(sync=...) of the daskdl runs (default: auto)")
+    p.add_argument("--shared-memory", default="auto", choices=("auto", "false"),
+                   help="config daskdl.shared-memory of the daskdl runs (false: pieces "
+                        "over Dask's comm between these same-host workers)")
     p.add_argument("--ddp-rank", nargs=3, type=int, metavar=("RANK", "WORLD", "PORT"),
                    help=argparse.SUPPRESS)  # one process of the ddp baseline
     a = p.parse_args()
@@ -332,8 +336,9 @@ def main():
 
     rates_plain = plain(x1, y1, a.epochs)
     rates_ddp = None if a.no_ddp else ddp(2, 1 + a.epochs, a.samples_per_worker)
-    rates_1, start_1, whole_1 = with_daskdl(x1, y1, 1, a.epochs, a.sync)
-    rates_2, start_2, whole_2 = with_daskdl(x2, y2, 2, a.epochs, a.sync)
+    with dask.config.set({"daskdl.shared-memory": a.shared_memory != "false"}):
+        rates_1, start_1, whole_1 = with_daskdl(x1, y1, 1, a.epochs, a.sync)
+        rates_2, start_2, whole_2 = with_daskdl(x2, y2, 2, a.epochs, a.sync)
 
     med = {k: statistics.median(v[1:]) for k, v in
            {"plain": rates_plain, "daskdl-1": rates_1, "daskdl-2": rates_2}.items()}
