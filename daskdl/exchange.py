@@ -117,6 +117,10 @@ class Exchange:
             self.owner.retire()  # merges of the old generation waiting for pieces give up
         self.key, self.members, self.map, self.owner = key, members, shard_map, owner
         self.inbox.clear()
+        # files of peers that left go; mappings are opened again as messages come
+        if self.outbox is not None:
+            self.outbox.keep(members)
+        self.shm_in.close()
         if self._changed is not None:
             self._changed.set()
         self._changed = asyncio.Event()

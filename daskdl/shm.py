@@ -22,9 +22,12 @@ header, checked before and after the copy).
 Anything else goes over Dask's comm as before: arrays of another dtype (bfloat16,
 compressed updates), small payloads, peers on other hosts, a host without a
 writable ``/dev/shm`` or without room in it (space is reserved with
-``posix_fallocate``, so a full tmpfs is an error here, not a ``SIGBUS`` later), and
-a peer that cannot open the file (another container on the same address): the
-receiver answers ``shm: False``, and that peer gets the comm from then on.
+``posix_fallocate``, so a full tmpfs is an error here, not a ``SIGBUS`` later: that
+peer gets the comm from then on), and a peer that cannot open the file (another
+container on the same address): the receiver answers ``shm: False``, and that peer
+gets the comm from then on.  At a new generation a sender drops the files of peers
+that left and a receiver closes its mappings (opened again as messages come), so
+neither holds memory for workers that are gone.
 
 Files are ``/dev/shm/daskdl-<pid>-<token>-<slot>-<n>``, mode 0600; a receiver opens
 only such names, regular files of its own user (no symlinks), and checks every
@@ -36,7 +39,6 @@ sender that starts on the host.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import mmap
 import os
@@ -100,13 +102,18 @@ def _sendable(group) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def sweep(path: str = SHM_DIR) -> int:
@@ -221,12 +228,12 @@ class Outbox:
         self.seq = 0
         self.stats = {"sent": 0, "fallbacks": 0}
         sweep(path)
-        self._finalizer = weakref.finalize(self, _remove, self.files)
-        atexit.register(self._finalizer)
+        self.closed = False
+        self._finalizer = weakref.finalize(self, _remove, self.files)  # also at exit
 
     def usable(self, address: str, groups) -> bool:
         """Whether ``groups`` for ``address`` go through shared memory."""
-        if address in self.off or not self.host or host(address) != self.host:
+        if self.closed or address in self.off or not self.host or host(address) != self.host:
             return False
         present = [g for g in groups if g is not None]
         if not present or not all(_sendable(g) for g in present):
@@ -247,7 +254,13 @@ class Outbox:
                 s.retire()
         self.stats["fallbacks"] += 1
 
+    def keep(self, addresses) -> None:
+        """Drop the files for peers not in ``addresses`` (a new generation)."""
+        for key in [k for k in self.slots if k[0] not in set(addresses)]:
+            self.slots.pop(key).retire()
+
     def close(self) -> None:
+        self.closed = True
         for s in self.slots.values():
             s.retire()
         self.slots.clear()
@@ -271,8 +284,9 @@ async def send(outbox: Outbox | None, address: str, kind: str, groups, call, ser
         async with s.lock:
             try:
                 refs = s.write(groups)
-            except OSError:  # no room or no tmpfs after all: the comm for this one
+            except OSError:  # no room, or a tmpfs that cannot reserve: the comm from now on
                 s.retire()
+                outbox.disable(address)
                 refs = None
             if refs is not None:
                 try:

@@ -19,6 +19,7 @@ from daskdl import shm
 from daskdl.protocol import ProtocolError
 
 from .conftest import init_mlp
+from .conftest import loss_fn as loss_fn_wide
 from .test_policies_cluster import train
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm here")
@@ -153,6 +154,39 @@ def test_a_peer_that_cannot_open_the_file_gets_the_comm_and_a_failed_call_retire
         out.close()
 
 
+def test_no_room_means_the_comm_and_a_new_generation_drops_files_of_peers_that_left(
+        monkeypatch):
+    out = shm.Outbox(HERE)
+    big = [np.ones(100_000, np.float32)]
+    sent = []
+
+    async def call(payload):
+        sent.append(payload)
+        return {"status": "OK"}
+
+    async def main():
+        await shm.send(out, PEER, "put", [big], call, serialize=lambda g: ("ser", g))
+        other = "tcp://127.0.0.1:3"
+        await shm.send(out, other, "put", [big], call, serialize=lambda g: ("ser", g))
+        assert all(isinstance(p, dict) for p in sent) and len(_files(out)) == 2
+        out.keep([PEER])  # the other worker left
+        assert len(_files(out)) == 1
+
+        def full(fd, offset, size):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(shm.os, "posix_fallocate", full)
+        await shm.send(out, other, "push", [big], call, serialize=lambda g: ("ser", g))
+        assert sent[-1][0] == "ser" and other in out.off
+        out.close()
+        assert not out.usable(PEER, [big]) and _files(out) == []
+
+    try:
+        asyncio.run(main())
+    finally:
+        out.close()
+
+
 def test_files_of_a_process_that_died_are_swept():
     dead = os.path.join(shm.SHM_DIR, "daskdl-999999999-0123abcd-0-1")
     mine = os.path.join(shm.SHM_DIR, f"daskdl-{os.getpid()}-0123abcd-0-1")
@@ -202,16 +236,17 @@ def test_an_exchange_asks_for_the_comm_without_refusing_the_update():
 
 
 # -- on a cluster ---------------------------------------------------------------------------
-def test_shared_memory_gives_the_same_bits_as_the_comm(client2, digits):
-    """Two worker processes of one host: the pieces and pushes go through /dev/shm (a
-    model with pieces above MIN_BYTES), and the parameters are bit-identical to the
-    same run over Dask's comm."""
+@pytest.mark.parametrize("policy", [ddl.BSP(every=4), ddl.EASGD(every=4, alpha=0.3)],
+                         ids=["BSP", "EASGD"])
+def test_shared_memory_gives_the_same_bits_as_the_comm(client2, digits, policy):
+    """Two worker processes of one host: the pieces and pushes (EASGD: each rank's
+    reply and the centre) go through /dev/shm (a model with pieces above MIN_BYTES),
+    and the parameters are bit-identical to the same run over Dask's comm."""
     wide = init_mlp(jax.random.PRNGKey(0), (64, 512, 10))
 
     def run(setting):
         with dask.config.set({"daskdl.shared-memory": setting}):
-            return train(client2, digits, ddl.BSP(every=4), epochs=1, sync="sharded",
-                         params=wide)
+            return train(client2, digits, policy, epochs=1, sync="sharded", params=wide)
 
     p_shm, acc_shm, _, tr_shm = run("auto")
     p_comm, acc_comm, _, tr_comm = run(False)
@@ -221,3 +256,39 @@ def test_shared_memory_gives_the_same_bits_as_the_comm(client2, digits):
     assert sum(r["shm"] for r in tr_shm.rounds) >= len(tr_shm.rounds)  # at least its put
     assert sum(r["shm"] for r in tr_comm.rounds) == 0
     assert sum(r["pushed"] for r in tr_shm.rounds) > 0
+
+
+def test_a_killed_worker_leaves_files_that_the_next_exchange_sweeps(digits):
+    """SIGKILL one of two worker processes mid-fit while they exchange through /dev/shm:
+    the survivor trains on alone (its mappings of the dead worker's file closed at the
+    new generation), and the dead worker's files go at the next sweep."""
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    from .test_faults import _kill_when, _split, _workers_without_nanny
+
+    train_ds, _ = _split(digits)
+    cluster = LocalCluster(n_workers=0, dashboard_address=":0")
+    procs = _workers_without_nanny(cluster.scheduler_address, 2)
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            pids = client.run(os.getpid)
+            rounds: list = []
+            cb, state = _kill_when(rounds, 12, pids.__getitem__, client)
+            with ddl.Trainer(loss_fn_wide, init_mlp(jax.random.PRNGKey(0), (64, 512, 10)),
+                             optax.adam(1e-3), policy=ddl.BSP(every=4), batch_size=32,
+                             client=client, sync="sharded", sync_timeout=60) as tr:
+                hist = tr.fit(train_ds, epochs=6, verbose=False, callbacks=[cb])
+                info = tr.info()
+            dead = state["killed"][1]
+            assert len(hist) == 6 and info["aborted"] is None and len(info["members"]) == 1
+            assert sum(r["shm"] for r in rounds if r["clock"] < 10) > 0  # it was in use
+            assert any(f"daskdl-{dead}-" in f for f in os.listdir(shm.SHM_DIR))
+            shm.sweep()
+            assert not any(f"daskdl-{dead}-" in f for f in os.listdir(shm.SHM_DIR))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+        cluster.close()
