@@ -20,8 +20,9 @@ never sees it change under it (each file also carries the sequence number in a
 header, checked before and after the copy).
 
 Anything else goes over Dask's comm as before: arrays of another dtype (bfloat16,
-compressed updates), small payloads, peers on other hosts, a host without a
-writable ``/dev/shm`` or without room in it (space is reserved with
+compressed updates), small payloads, peers on other hosts, files beyond
+:data:`MAX_BYTES` per process (they stay between rounds: about twice the model per
+worker), a host without a writable ``/dev/shm`` or without room in it (space is reserved with
 ``posix_fallocate``, so a full tmpfs is an error here, not a ``SIGBUS`` later: that
 peer gets the comm from then on), and a peer that cannot open the file (another
 container on the same address): the receiver answers ``shm: False``, and that peer
@@ -54,6 +55,10 @@ from .protocol import ProtocolError
 
 SHM_DIR = "/dev/shm"
 MIN_BYTES = 64 * 1024  # smaller payloads go over the comm (a file costs more than they do)
+# The files one process keeps, at most (they stay between rounds: about twice the
+# model per worker, its pieces for the other owners and its pushes); a payload that
+# would go beyond takes the comm.  Also at most a quarter of the tmpfs.
+MAX_BYTES = 2**30
 _MAGIC = b"DDLSHM01"
 _HEADER = struct.Struct("<8sQQ")  # magic, sequence number, payload bytes
 _DATA = 64  # arrays start here; each at a 64-byte boundary
@@ -149,6 +154,9 @@ class _Slot:
             return
         self.retire()
         size = max(_aligned(size), 2**20)
+        if self.outbox.nbytes() + size > self.outbox.max_bytes:
+            raise OSError(f"files of {self.outbox.nbytes() + size} bytes would exceed "
+                          f"{self.outbox.max_bytes} (daskdl.shm.MAX_BYTES)")
         vfs = os.statvfs(self.outbox.dir)
         if vfs.f_bavail * vfs.f_frsize < size + 16 * 2**20:
             raise OSError(f"{self.outbox.dir} has no room for {size} more bytes")
@@ -217,9 +225,14 @@ class _Slot:
 class Outbox:
     """The files one process writes shard payloads into, one per (peer, kind)."""
 
-    def __init__(self, local_address: str, path: str = SHM_DIR, min_bytes: int = MIN_BYTES):
+    def __init__(self, local_address: str, path: str = SHM_DIR, min_bytes: int = MIN_BYTES,
+                 max_bytes: int | None = None):
         self.dir = path
         self.min_bytes = min_bytes
+        if max_bytes is None:
+            vfs = os.statvfs(path)
+            max_bytes = min(MAX_BYTES, vfs.f_blocks * vfs.f_frsize // 4)
+        self.max_bytes = max_bytes
         self.token = secrets.token_hex(4)
         self.host = host(local_address)
         self.slots: dict = {}
@@ -230,6 +243,10 @@ class Outbox:
         sweep(path)
         self.closed = False
         self._finalizer = weakref.finalize(self, _remove, self.files)  # also at exit
+
+    def nbytes(self) -> int:
+        """Bytes of the files this process keeps now."""
+        return sum(s.size for s in self.slots.values())
 
     def usable(self, address: str, groups) -> bool:
         """Whether ``groups`` for ``address`` go through shared memory."""

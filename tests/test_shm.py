@@ -175,6 +175,14 @@ def test_no_room_means_the_comm_and_a_new_generation_drops_files_of_peers_that_l
         def full(fd, offset, size):
             raise OSError(28, "No space left on device")
 
+        # beyond the process's budget: the comm for that peer
+        third = "tcp://127.0.0.1:4"
+        out.max_bytes = out.nbytes() + 2**20
+        await shm.send(out, third, "put", [[np.ones(300_000, np.float32)]], call,
+                       serialize=lambda g: ("ser", g))
+        assert sent[-1][0] == "ser" and third in out.off and len(_files(out)) == 1
+        out.max_bytes = 2**30
+
         monkeypatch.setattr(shm.os, "posix_fallocate", full)
         await shm.send(out, other, "push", [big], call, serialize=lambda g: ("ser", g))
         assert sent[-1][0] == "ser" and other in out.off
