@@ -84,7 +84,7 @@ class Exchange:
         self.outbox = None
         if shared_memory and shm.available() and getattr(worker, "address", None):
             self.outbox = shm.Outbox(worker.address)
-        self.shm_in = shm.Inbox()
+        self.shm_in = shm.Inbox(enabled=shared_memory)
         self.policy = policy
         self.decode = decode
         self.run, self._secret = run, secret  # for pushes (none without them)

@@ -40,6 +40,8 @@ sender that starts on the host.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import contextlib
 import mmap
 import os
@@ -126,7 +128,7 @@ def sweep(path: str = SHM_DIR) -> int:
     removed = 0
     with contextlib.suppress(OSError):
         for name in os.listdir(path):
-            m = _NAME.match(name)
+            m = _NAME.fullmatch(name)
             if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
                 continue
             with contextlib.suppress(OSError):
@@ -236,6 +238,7 @@ class Outbox:
         self.token = secrets.token_hex(4)
         self.host = host(local_address)
         self.slots: dict = {}
+        self._ids = itertools.count()  # slot ids are never reused (file names stay unique)
         self.off: set = set()  # peers that cannot read our files
         self.files: set = set()
         self.seq = 0
@@ -260,7 +263,7 @@ class Outbox:
     def slot(self, address: str, kind: str) -> _Slot:
         key = (address, kind)
         if key not in self.slots:
-            self.slots[key] = _Slot(self, len(self.slots))
+            self.slots[key] = _Slot(self, next(self._ids))
         return self.slots[key]
 
     def disable(self, address: str) -> None:
@@ -299,6 +302,8 @@ async def send(outbox: Outbox | None, address: str, kind: str, groups, call, ser
     if outbox is not None and outbox.usable(address, groups):
         s = outbox.slot(address, kind)
         async with s.lock:
+            if outbox.closed:  # closed while this send waited: no file after close
+                return await call(*[None if g is None else serialize(g) for g in groups])
             try:
                 refs = s.write(groups)
             except OSError:  # no room, or a tmpfs that cannot reserve: the comm from now on
@@ -321,8 +326,9 @@ async def send(outbox: Outbox | None, address: str, kind: str, groups, call, ser
 class Inbox:
     """The files of other processes this process reads payloads from."""
 
-    def __init__(self, path: str = SHM_DIR):
+    def __init__(self, path: str = SHM_DIR, enabled: bool = True):
         self.dir = path
+        self.enabled = enabled  # daskdl.shared-memory: false refuses references
         self.maps: OrderedDict = OrderedDict()  # lineage (pid, token, slot) -> (name, mmap)
 
     @staticmethod
@@ -330,7 +336,7 @@ class Inbox:
         return isinstance(obj, dict) and "shm" in obj
 
     def _map(self, name: str) -> mmap.mmap:
-        m = _NAME.match(name) if isinstance(name, str) else None
+        m = _NAME.fullmatch(name) if isinstance(name, str) else None
         if m is None:
             raise ProtocolError(f"{name!r} is not a daskdl shared-memory name")
         lineage = m.groups()[:3]
@@ -342,17 +348,17 @@ class Inbox:
             self._close(lineage)
         path = os.path.join(self.dir, name)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError as e:
             raise ShmUnavailable(f"cannot open {path}: {e.strerror}") from None
         try:
             st = os.fstat(fd)
             import stat
 
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise ProtocolError(f"{path} is not a regular file of this user")
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():  # the comm instead
+                raise ShmUnavailable(f"{path} is not a regular file of this user")
             if st.st_size < _DATA:
-                raise ProtocolError(f"{path} is too small")
+                raise ShmUnavailable(f"{path} is too small")
             mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
@@ -368,6 +374,8 @@ class Inbox:
 
     def load(self, ref, limit: int | None = None, what: str = "payload") -> list:
         """The arrays ``ref`` names, copied out of the sender's file."""
+        if not self.enabled:
+            raise ProtocolError(f"{what}: shared memory is off here (daskdl.shared-memory)")
         if not isinstance(ref, dict):
             raise ProtocolError(f"{what}: a shared-memory reference must be a dict")
         seq, spec = ref.get("seq"), ref.get("arrays")
@@ -385,7 +393,12 @@ class Inbox:
                                     "reference") from None
             if dtype.kind not in _KINDS or any(s < 0 for s in shape) or off < _DATA:
                 raise ProtocolError(f"{what}: array {dtype} {shape} at {off} refused")
-            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            n = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
+            if limit is not None and n > limit:
+                raise ProtocolError(f"{what} of {n} bytes is larger than the {limit} bytes "
+                                    "expected")
+            if n > 2**62:
+                raise ProtocolError(f"{what}: array {dtype} {shape} is too large")
             total += n
             parsed.append((dtype, shape, off, n))
         if limit is not None and total > limit:

@@ -97,6 +97,13 @@ def test_hostile_references_are_refused_with_the_reason():
         for reason, r in bad.items():
             with pytest.raises(ProtocolError, match=reason):
                 inbox.load(r, limit=40 if r is ref else None)
+        for shape in ([2**32, 2**32], [2**62, 3], [2**70]):  # no wrap-around to small
+            with pytest.raises(ProtocolError, match="too large|larger than"):
+                inbox.load(dict(ref, arrays=[["<f4", shape, 64]]))
+        with pytest.raises(ProtocolError, match="not a daskdl shared-memory name"):
+            inbox.load(dict(ref, shm=ref["shm"] + "\n"))
+        with pytest.raises(ProtocolError, match="shared memory is off here"):
+            shm.Inbox(enabled=False).load(ref)
         # a well-formed name that is not there: the sender must use the comm
         gone = dict(ref, shm=f"daskdl-{os.getpid()}-0123abcd-0-1")
         with pytest.raises(shm.ShmUnavailable, match="cannot open"):
@@ -171,6 +178,12 @@ def test_no_room_means_the_comm_and_a_new_generation_drops_files_of_peers_that_l
         assert all(isinstance(p, dict) for p in sent) and len(_files(out)) == 2
         out.keep([PEER])  # the other worker left
         assert len(_files(out)) == 1
+        # slots made after a peer left never reuse a live slot's file name
+        fourth = "tcp://127.0.0.1:5"
+        await shm.send(out, fourth, "put", [big], call, serialize=lambda g: ("ser", g))
+        assert isinstance(sent[-1], dict) and fourth not in out.off
+        assert len(_files(out)) == 2
+        out.keep([PEER])
 
         def full(fd, offset, size):
             raise OSError(28, "No space left on device")
@@ -227,6 +240,7 @@ def test_an_exchange_asks_for_the_comm_without_refusing_the_update():
 
     async def main():
         ex = _local_exchange(shards=2)
+        ex.shm_in.enabled = True  # as with daskdl.shared-memory on
         try:
             ref = {"shm": f"daskdl-{os.getpid()}-0123abcd-0-1", "seq": 1,
                    "arrays": [["<f4", [2], 64]]}
@@ -300,3 +314,26 @@ def test_a_killed_worker_leaves_files_that_the_next_exchange_sweeps(digits):
         for p in procs:
             p.send_signal(signal.SIGKILL)
         cluster.close()
+
+
+def test_a_slot_made_after_a_peer_left_does_not_take_a_live_slots_file():
+    out = shm.Outbox(HERE)
+    big = [np.ones(100_000, np.float32)]
+    sent = []
+
+    async def call(payload):
+        sent.append(payload)
+        return {"status": "OK"}
+
+    async def main():
+        a, c, d = (f"tcp://127.0.0.1:{p}" for p in (11, 12, 13))
+        for peer in (a, c):
+            await shm.send(out, peer, "put", [big], call, serialize=lambda g: ("ser", g))
+        out.keep([c])  # a left; c's file stays
+        await shm.send(out, d, "put", [big], call, serialize=lambda g: ("ser", g))
+        assert isinstance(sent[-1], dict) and d not in out.off and len(_files(out)) == 2
+
+    try:
+        asyncio.run(main())
+    finally:
+        out.close()
