@@ -307,6 +307,11 @@ class Exchange:
         self._speculate(owner, clock)
         return ok()
 
+    @property
+    def shm_sent(self) -> int:
+        """Payloads this worker has sent through shared memory."""
+        return self.outbox.stats["sent"] if self.outbox is not None else 0
+
     def load(self, obj, limit: int | None = None, what: str = "payload"):
         """A payload as it arrived: serialized over the comm, or a reference to
         the sender's shared memory (copied out here)."""

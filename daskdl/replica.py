@@ -572,7 +572,7 @@ class Replica(WorkerPlugin):
                           merge=max(merge_s - last.get("owner_merge_s", merge_s), 0.0))
         msg = req.to_msg(self._secret)
         taken = ex.stats["taken"]
-        shm_sent = ex.outbox.stats["sent"] if ex.outbox is not None else 0
+        shm_sent = ex.shm_sent
         t_start = time.perf_counter()
 
         async def exchange():
@@ -621,8 +621,7 @@ class Replica(WorkerPlugin):
                         "owner_merge_s": ex.owner.merge_s, "bytes_sent": sent,
                         "bytes_received": received, "compression": raw / sent if sent else 1.0,
                         "pushed": ex.stats["taken"] - taken,
-                        "shm": (ex.outbox.stats["sent"] if ex.outbox is not None else 0)
-                        - shm_sent}
+                        "shm": ex.shm_sent - shm_sent}
         return SyncReply(reply.status, at, params=params, waited=reply.waited,
                          reason=reply.reason, state=reply.state, steps=reply.steps)
 

@@ -242,7 +242,7 @@ class Outbox:
         self.off: set = set()  # peers that cannot read our files
         self.files: set = set()
         self.seq = 0
-        self.stats = {"sent": 0, "fallbacks": 0}
+        self.stats = {"sent": 0}  # payloads sent through shared memory
         sweep(path)
         self.closed = False
         self._finalizer = weakref.finalize(self, _remove, self.files)  # also at exit
@@ -272,7 +272,6 @@ class Outbox:
         for (a, _), s in list(self.slots.items()):
             if a == address:
                 s.retire()
-        self.stats["fallbacks"] += 1
 
     def keep(self, addresses) -> None:
         """Drop the files for peers not in ``addresses`` (a new generation)."""

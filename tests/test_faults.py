@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -121,6 +122,22 @@ def test_killed_worker_with_nanny_training_goes_on(policy, digits, no_fault_accu
         _close_to(acc, no_fault_accuracy[policy], policy)
 
 
+@contextlib.contextmanager
+def _two_workers_without_nanny():
+    """A scheduler in this process and two ``dask worker --no-nanny`` processes (a
+    killed one stays dead): yields ``(client, {address: pid})``."""
+    cluster = LocalCluster(n_workers=0, dashboard_address=":0")
+    procs = _workers_without_nanny(cluster.scheduler_address, 2)
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            yield client, client.run(os.getpid)
+    finally:
+        for p in procs:
+            p.kill()
+        cluster.close()
+
+
 def _workers_without_nanny(address: str, n: int) -> list:
     env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="268435456")
     return [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
@@ -136,30 +153,21 @@ def test_killed_worker_without_nanny_stays_dead_and_the_other_finishes(policy, s
     """Sharded too: the lost owner's shard is rebuilt from the version the survivor
     holds, and training goes on alone."""
     train, test = _split(digits)
-    cluster = LocalCluster(n_workers=0, dashboard_address=":0")
-    procs = _workers_without_nanny(cluster.scheduler_address, 2)
-    try:
-        with Client(cluster, set_as_default=False) as client:
-            client.wait_for_workers(2, timeout=60)
-            pids = client.run(os.getpid)
-            rounds: list = []
-            cb, state = _kill_when(rounds, 16, pids.__getitem__, client)
-            with _trainer(client, policy, sync_timeout=60, sync=sync) as tr:
-                hist = tr.fit(train, epochs=EPOCHS, verbose=False, callbacks=[cb])
-                acc = tr.evaluate(test, accuracy)["accuracy"]
-                info = tr.info()
-            assert len(hist) == EPOCHS and info["aborted"] is None
-            assert tr.sync == sync
-            assert list(info["members"].values()) == sorted(client.scheduler_info()["workers"])
-            assert len(info["members"]) == 1  # trained on alone
-            late = [r for r in rounds if r["clock"] > max(x["clock"] for x in rounds) - 10]
-            assert {r["worker"] for r in late} == set(info["members"].values())
-            _check_coverage(tr, train, EPOCHS)
-            _close_to(acc, no_fault_accuracy[policy], policy)
-    finally:
-        for p in procs:
-            p.kill()
-        cluster.close()
+    with _two_workers_without_nanny() as (client, pids):
+        rounds: list = []
+        cb, state = _kill_when(rounds, 16, pids.__getitem__, client)
+        with _trainer(client, policy, sync_timeout=60, sync=sync) as tr:
+            hist = tr.fit(train, epochs=EPOCHS, verbose=False, callbacks=[cb])
+            acc = tr.evaluate(test, accuracy)["accuracy"]
+            info = tr.info()
+        assert len(hist) == EPOCHS and info["aborted"] is None
+        assert tr.sync == sync
+        assert list(info["members"].values()) == sorted(client.scheduler_info()["workers"])
+        assert len(info["members"]) == 1  # trained on alone
+        late = [r for r in rounds if r["clock"] > max(x["clock"] for x in rounds) - 10]
+        assert {r["worker"] for r in late} == set(info["members"].values())
+        _check_coverage(tr, train, EPOCHS)
+        _close_to(acc, no_fault_accuracy[policy], policy)
 
 
 def test_scale_up_and_down_during_training(digits):

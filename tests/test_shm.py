@@ -35,6 +35,21 @@ def _groups():
             None, [rng.normal(size=(17,)).astype(np.float32)]]
 
 
+def _recorder():
+    """``(sent, call)``: an RPC stand-in that keeps each payload and answers OK."""
+    sent = []
+
+    async def call(payload):
+        sent.append(payload)
+        return {"status": "OK"}
+
+    return sent, call
+
+
+def _ser(group):
+    return ("ser", group)
+
+
 def _files(outbox):
     return sorted(p for p in os.listdir(shm.SHM_DIR) if f"-{outbox.token}-" in p)
 
@@ -140,7 +155,7 @@ def test_a_peer_that_cannot_open_the_file_gets_the_comm_and_a_failed_call_retire
 
     async def main():
         big = [np.ones(100_000, np.float32)]
-        r = await shm.send(out, PEER, "put", [big], refuses, serialize=lambda g: ("ser", g))
+        r = await shm.send(out, PEER, "put", [big], refuses, serialize=_ser)
         assert r == {"status": "OK"} and len(calls) == 2
         assert isinstance(calls[0], dict) and calls[1][0] == "ser"
         assert PEER in out.off and _files(out) == []  # its file is gone too
@@ -165,22 +180,18 @@ def test_no_room_means_the_comm_and_a_new_generation_drops_files_of_peers_that_l
         monkeypatch):
     out = shm.Outbox(HERE)
     big = [np.ones(100_000, np.float32)]
-    sent = []
-
-    async def call(payload):
-        sent.append(payload)
-        return {"status": "OK"}
+    sent, call = _recorder()
 
     async def main():
-        await shm.send(out, PEER, "put", [big], call, serialize=lambda g: ("ser", g))
+        await shm.send(out, PEER, "put", [big], call, serialize=_ser)
         other = "tcp://127.0.0.1:3"
-        await shm.send(out, other, "put", [big], call, serialize=lambda g: ("ser", g))
+        await shm.send(out, other, "put", [big], call, serialize=_ser)
         assert all(isinstance(p, dict) for p in sent) and len(_files(out)) == 2
         out.keep([PEER])  # the other worker left
         assert len(_files(out)) == 1
         # slots made after a peer left never reuse a live slot's file name
         fourth = "tcp://127.0.0.1:5"
-        await shm.send(out, fourth, "put", [big], call, serialize=lambda g: ("ser", g))
+        await shm.send(out, fourth, "put", [big], call, serialize=_ser)
         assert isinstance(sent[-1], dict) and fourth not in out.off
         assert len(_files(out)) == 2
         out.keep([PEER])
@@ -192,12 +203,12 @@ def test_no_room_means_the_comm_and_a_new_generation_drops_files_of_peers_that_l
         third = "tcp://127.0.0.1:4"
         out.max_bytes = out.nbytes() + 2**20
         await shm.send(out, third, "put", [[np.ones(300_000, np.float32)]], call,
-                       serialize=lambda g: ("ser", g))
+                       serialize=_ser)
         assert sent[-1][0] == "ser" and third in out.off and len(_files(out)) == 1
         out.max_bytes = 2**30
 
         monkeypatch.setattr(shm.os, "posix_fallocate", full)
-        await shm.send(out, other, "push", [big], call, serialize=lambda g: ("ser", g))
+        await shm.send(out, other, "push", [big], call, serialize=_ser)
         assert sent[-1][0] == "ser" and other in out.off
         out.close()
         assert not out.usable(PEER, [big]) and _files(out) == []
@@ -284,53 +295,36 @@ def test_a_killed_worker_leaves_files_that_the_next_exchange_sweeps(digits):
     """SIGKILL one of two worker processes mid-fit while they exchange through /dev/shm:
     the survivor trains on alone (its mappings of the dead worker's file closed at the
     new generation), and the dead worker's files go at the next sweep."""
-    import signal
-
-    from distributed import Client, LocalCluster
-
-    from .test_faults import _kill_when, _split, _workers_without_nanny
+    from .test_faults import _kill_when, _split, _two_workers_without_nanny
 
     train_ds, _ = _split(digits)
-    cluster = LocalCluster(n_workers=0, dashboard_address=":0")
-    procs = _workers_without_nanny(cluster.scheduler_address, 2)
-    try:
-        with Client(cluster, set_as_default=False) as client:
-            client.wait_for_workers(2, timeout=60)
-            pids = client.run(os.getpid)
-            rounds: list = []
-            cb, state = _kill_when(rounds, 12, pids.__getitem__, client)
-            with ddl.Trainer(loss_fn_wide, init_mlp(jax.random.PRNGKey(0), (64, 512, 10)),
-                             optax.adam(1e-3), policy=ddl.BSP(every=4), batch_size=32,
-                             client=client, sync="sharded", sync_timeout=60) as tr:
-                hist = tr.fit(train_ds, epochs=6, verbose=False, callbacks=[cb])
-                info = tr.info()
-            dead = state["killed"][1]
-            assert len(hist) == 6 and info["aborted"] is None and len(info["members"]) == 1
-            assert sum(r["shm"] for r in rounds if r["clock"] < 10) > 0  # it was in use
-            assert any(f"daskdl-{dead}-" in f for f in os.listdir(shm.SHM_DIR))
-            shm.sweep()
-            assert not any(f"daskdl-{dead}-" in f for f in os.listdir(shm.SHM_DIR))
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-        cluster.close()
+    with _two_workers_without_nanny() as (client, pids):
+        rounds: list = []
+        cb, state = _kill_when(rounds, 12, pids.__getitem__, client)
+        with ddl.Trainer(loss_fn_wide, init_mlp(jax.random.PRNGKey(0), (64, 512, 10)),
+                         optax.adam(1e-3), policy=ddl.BSP(every=4), batch_size=32,
+                         client=client, sync="sharded", sync_timeout=60) as tr:
+            hist = tr.fit(train_ds, epochs=6, verbose=False, callbacks=[cb])
+            info = tr.info()
+        dead = state["killed"][1]
+        assert len(hist) == 6 and info["aborted"] is None and len(info["members"]) == 1
+        assert sum(r["shm"] for r in rounds if r["clock"] < 10) > 0  # it was in use
+        assert any(f"daskdl-{dead}-" in f for f in os.listdir(shm.SHM_DIR))
+        shm.sweep()
+        assert not any(f"daskdl-{dead}-" in f for f in os.listdir(shm.SHM_DIR))
 
 
 def test_a_slot_made_after_a_peer_left_does_not_take_a_live_slots_file():
     out = shm.Outbox(HERE)
     big = [np.ones(100_000, np.float32)]
-    sent = []
-
-    async def call(payload):
-        sent.append(payload)
-        return {"status": "OK"}
+    sent, call = _recorder()
 
     async def main():
         a, c, d = (f"tcp://127.0.0.1:{p}" for p in (11, 12, 13))
         for peer in (a, c):
-            await shm.send(out, peer, "put", [big], call, serialize=lambda g: ("ser", g))
+            await shm.send(out, peer, "put", [big], call, serialize=_ser)
         out.keep([c])  # a left; c's file stays
-        await shm.send(out, d, "put", [big], call, serialize=lambda g: ("ser", g))
+        await shm.send(out, d, "put", [big], call, serialize=_ser)
         assert isinstance(sent[-1], dict) and d not in out.off and len(_files(out)) == 2
 
     try:
