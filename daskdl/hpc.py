@@ -11,6 +11,9 @@ What JAX workers need from a job, and how :func:`jobqueue_kwargs` provides it:
   Dask's 65536, which slows XLA; the job exports larger trim and mmap thresholds
   (the nanny keeps a value already in the environment), and daskdl's worker set-up
   also repairs it at run time;
+* **quieter periodic work** — the job exports ``daskdl.cluster-config`` (Dask's
+  event-loop tick, system monitor and profiler intervals) as ``DASK_...`` variables,
+  as :func:`daskdl.workerenv.cluster_config` gives the clusters daskdl starts;
 * **a JAX compilation cache on a shared path** — ``compile_cache="/shared/jax-cache"``
   lets hundreds of workers reuse one compilation instead of each paying it;
 * **GPUs** — install ``jax[cuda12]`` in the workers' environment; ``gpus=n`` asks
@@ -35,9 +38,20 @@ import shlex
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
 
+def dask_env(settings: dict) -> dict:
+    """Dask config ``{"distributed.admin.tick.interval": "500ms"}`` as the environment
+    variables Dask reads at start-up (``DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL``)."""
+    return {"DASK_" + key.replace(".", "__").replace("-", "_").upper():
+            value if isinstance(value, str) else repr(value)
+            for key, value in settings.items()}
+
+
 def worker_env(compile_cache: str | None = None, gpus: int = 0) -> dict:
     """Environment variables a JAX worker's job should export."""
+    from .workerenv import cluster_settings
+
     env = dict(MALLOC_ENV)
+    env.update(dask_env(cluster_settings()))
     if compile_cache:
         env["JAX_COMPILATION_CACHE_DIR"] = compile_cache
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

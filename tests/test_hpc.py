@@ -32,6 +32,14 @@ def test_jobqueue_kwargs():
     assert "export MALLOC_TRIM_THRESHOLD_=268435456" in lines
     assert "export JAX_COMPILATION_CACHE_DIR='/shared/jax cache'" in lines
     assert "job_extra_directives" not in kw
+    # daskdl.cluster-config, as the variables Dask reads when the worker starts
+    assert "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=500ms" in lines
+    env = dict(line[len("export "):].split("=", 1) for line in lines if line.startswith("export DASK_"))
+    import dask.config
+    assert dask.config.collect_env(env) == {
+        "distributed": {"admin": {"tick": {"interval": "500ms"},
+                                  "system_monitor": {"interval": "2s"}},
+                        "worker": {"profile": {"interval": "100ms"}}}}
     assert hpc.jobqueue_kwargs(gpus=1)["job_extra_directives"] == ["--gres=gpu:1"]
     assert hpc.jobqueue_kwargs(gpus=2, scheduler="pbs")["job_extra_directives"] == ["-l ngpus=2"]
     with pytest.raises(ValueError, match="scheduler must be one of"):

@@ -51,3 +51,34 @@ def test_cluster_config_unsets_the_nanny_variable():
         assert dask.config.get(MALLOC_KEY) is None
     with dask.config.set({"daskdl.worker.fix-malloc-trim": False}), cluster_config():
         assert dask.config.get(MALLOC_KEY) == 65536
+
+
+def _callback_ms(dask_worker):
+    return {k: dask_worker.periodic_callbacks[k].callback_time for k in ("tick", "profile")}
+
+
+def test_cluster_config_quiets_the_workers_it_starts(client2):
+    # client2 is a LocalCluster started under cluster_config(): its worker processes
+    # run Dask's periodic work at daskdl.cluster-config's intervals
+    for ms in client2.run(_callback_ms).values():
+        assert ms == {"tick": 500, "profile": 100}
+    for interval in client2.run(dask.config.get, "distributed.admin.system-monitor.interval").values():
+        assert interval == "2s"
+    tick = client2.run_on_scheduler(lambda dask_scheduler: dask_scheduler.periodic_callbacks["tick"].callback_time)
+    assert tick == 500
+
+
+def test_cluster_config_can_be_emptied_and_is_checked():
+    from daskdl.workerenv import cluster_config, cluster_settings
+
+    default_tick = dask.config.get("distributed.admin.tick.interval")
+    with dask.config.set({"daskdl.cluster-config": {}}), cluster_config():
+        assert dask.config.get("distributed.admin.tick.interval") == default_tick  # Dask's own
+    with dask.config.set({"daskdl.cluster-config": {"distributed.admin.tick.interval": "1s"}}):
+        assert cluster_settings() == {"distributed.admin.tick.interval": "1s"}
+        with cluster_config():
+            assert dask.config.get("distributed.admin.tick.interval") == "1s"
+    with dask.config.set({"daskdl.cluster-config": ["distributed.admin.tick.interval"]}):
+        with pytest.raises(ValueError, match="daskdl.cluster-config must map Dask config keys"):
+            with cluster_config():
+                pass
