@@ -74,10 +74,14 @@ def no_fault_accuracy(client2, digits):
     return out
 
 
-def _kill_when(tr_rounds: list, n: int, pid_of, client, rejoin: bool = False):
-    """A callback SIGKILLing worker rank 1's process once ``n`` rounds are done; with
-    ``rejoin``, it later waits for the nanny's new worker (a new process takes longer
-    to start than this small model takes to train), so that it joins mid-training."""
+def _kill_when(tr_rounds: list, n: int, pid_of, client, hold=None):
+    """A callback SIGKILLing worker rank 1's process once ``n`` rounds are done.
+
+    With ``hold`` (a path, see :func:`_held_start`), the nanny's new worker is held
+    before it registers until ``n + 12`` rounds are done, then the callback waits for
+    it: the loss and the join are always two re-plans, in that order (without the
+    hold, a new worker that registers before the client re-plans for the loss makes
+    it one, and DiLoCo's result depends on which)."""
     state = {"killed": None, "joined": False}
 
     def cb(r):
@@ -85,35 +89,50 @@ def _kill_when(tr_rounds: list, n: int, pid_of, client, rejoin: bool = False):
         if state["killed"] is None and len(tr_rounds) >= n:
             addr = sorted(client.scheduler_info()["workers"])[-1]
             pid = pid_of(addr)
+            if hold is not None:
+                hold.touch()
             os.kill(pid, signal.SIGKILL)
             state["killed"] = (addr, pid)
-        elif rejoin and not state["joined"] and len(tr_rounds) >= n + 12:
+        elif hold is not None and not state["joined"] and len(tr_rounds) >= n + 12:
+            hold.unlink()
             client.wait_for_workers(2, timeout=60)
             state["joined"] = True
 
     return cb, state
 
 
+def _held_start(tmp_path):
+    """A worker preload that waits, before the worker registers, while a file exists:
+    returns ``(preload path, hold file path)``."""
+    hold = tmp_path / "hold"
+    preload = tmp_path / "hold_start.py"
+    preload.write_text("import os, time\n\n\ndef dask_setup(worker):\n"
+                       f"    while os.path.exists({str(hold)!r}):\n"
+                       "        time.sleep(0.05)\n")
+    return str(preload), hold
+
+
 @pytest.mark.parametrize("policy", ["BSP", "SSP", "Async", "DiLoCo"])
-def test_killed_worker_with_nanny_training_goes_on(policy, digits, no_fault_accuracy):
-    """SIGKILL one worker process mid-training; its nanny starts a new one, which joins."""
+def test_killed_worker_with_nanny_training_goes_on(policy, digits, no_fault_accuracy, tmp_path):
+    """SIGKILL one worker process mid-training; its nanny starts a new one, which joins
+    later (held until the survivor has trained on alone for a while)."""
     train, test = _split(digits)
+    preload, hold = _held_start(tmp_path)
     with cluster_config():
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                               dashboard_address=":0")
+                               dashboard_address=":0", preload=[preload])
     with cluster, Client(cluster, set_as_default=False) as client:
         pids = client.run(os.getpid)
         rounds: list = []
-        cb, state = _kill_when(rounds, 16, pids.__getitem__, client, rejoin=True)
+        cb, state = _kill_when(rounds, 16, pids.__getitem__, client, hold=hold)
         with _trainer(client, policy, sync_timeout=60) as tr:
             hist = tr.fit(train, epochs=EPOCHS, verbose=False, callbacks=[cb])
             acc = tr.evaluate(test, accuracy)["accuracy"]
             info = tr.info()
         assert state["killed"] is not None and state["joined"]
         assert len(hist) == EPOCHS and info["aborted"] is None
-        # re-planned for the loss and the join (once if the new worker was already
-        # there when the client re-planned for the loss)
-        assert info["generation"] >= 1
+        # re-planned for the loss, then for the join
+        assert hist[-1]["regroups"] == 2 and info["generation"] >= 2
         assert len(info["members"]) == 2
         assert len(client.scheduler_info()["workers"]) == 2  # the nanny's new worker
         workers_used = {r["worker"] for r in rounds}
