@@ -76,14 +76,15 @@ def no_fault_accuracy(client2, digits):
     return out
 
 
-def _kill_when(tr_rounds: list, n: int, pid_of, client, hold=None):
+def _kill_when(tr_rounds: list, n: int, pid_of, client, hold=None, generation=None):
     """A callback SIGKILLing worker rank 1's process once ``n`` rounds are done.
 
     With ``hold`` (a path, see :func:`_held_start`), the nanny's new worker is held
-    before it registers until ``n + 12`` rounds are done, then the callback waits for
-    it: the loss and the join are always two re-plans, in that order (without the
-    hold, a new worker that registers before the client re-plans for the loss makes
-    it one, and DiLoCo's result depends on which)."""
+    before it registers until ``n + 12`` rounds are done *and* ``generation()`` (the
+    run's) shows the client re-planned for the loss; then the callback waits for it.
+    The loss and the join are so always two re-plans, in that order (without the hold,
+    a new worker that registers before the client re-plans for the loss makes it one;
+    callbacks run in the fit loop, so many rounds reported at once cannot tell)."""
     state = {"killed": None, "joined": False}
 
     def cb(r):
@@ -95,7 +96,8 @@ def _kill_when(tr_rounds: list, n: int, pid_of, client, hold=None):
                 hold.touch()
             os.kill(pid, signal.SIGKILL)
             state["killed"] = (addr, pid)
-        elif hold is not None and not state["joined"] and len(tr_rounds) >= n + 12:
+        elif (hold is not None and not state["joined"] and len(tr_rounds) >= n + 12
+              and generation() >= 1):
             hold.unlink()
             client.wait_for_workers(2, timeout=60)
             state["joined"] = True
@@ -126,8 +128,11 @@ def test_killed_worker_with_nanny_training_goes_on(policy, digits, no_fault_accu
     with cluster, Client(cluster, set_as_default=False) as client:
         pids = client.run(os.getpid)
         rounds: list = []
-        cb, state = _kill_when(rounds, 16, pids.__getitem__, client, hold=hold)
+        trainers: list = []
+        cb, state = _kill_when(rounds, 16, pids.__getitem__, client, hold=hold,
+                               generation=lambda: trainers[0].info()["generation"])
         with _trainer(client, policy, sync_timeout=60) as tr:
+            trainers.append(tr)
             hist = tr.fit(train, epochs=EPOCHS, verbose=False, callbacks=[cb])
             acc = tr.evaluate(test, accuracy)["accuracy"]
             info = tr.info()
