@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import time
 
+import dask.config
 import jax
 import optax
 import pytest
@@ -34,8 +35,8 @@ def test_jobqueue_kwargs():
     assert "job_extra_directives" not in kw
     # daskdl.cluster-config, as the variables Dask reads when the worker starts
     assert "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=500ms" in lines
-    env = dict(line[len("export "):].split("=", 1) for line in lines if line.startswith("export DASK_"))
-    import dask.config
+    env = dict(line[len("export "):].split("=", 1)
+               for line in lines if line.startswith("export DASK_"))
     assert dask.config.collect_env(env) == {
         "distributed": {"admin": {"tick": {"interval": "500ms"},
                                   "system_monitor": {"interval": "2s"}},
