@@ -23,6 +23,10 @@ Under a group policy an owner holding every member's piece of a round merges it
 at once (:meth:`Owner.speculate`) and pushes the shard to the other members,
 tagged with the merge it is; a member takes it instead of asking the owner when
 the plugin's answer logs that very merge for that version, and asks otherwise.
+When the piece that completes a round comes in a ``put``, the owner merges before
+it answers and the answer carries that member's shard (no push for it: one message
+less each way on the round's critical path).
+
 The push is only ever a shortcut: lost, late or another merge, the ``get`` path
 is taken, and the owner's shard follows the plugin's entries only.
 """
@@ -97,7 +101,12 @@ class Exchange:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="daskdl-shards")
         self._changed: asyncio.Event | None = None
         self._arrived: asyncio.Event | None = None  # set (and replaced) when a piece comes
-        self.stats = {"sent": 0, "received": 0, "served": 0, "pushed": 0, "taken": 0}
+        # bytes sent, received, served (gets) and pushed (pushes and put answers); shards
+        # taken from pushes and put answers; shards kept from the answers to this
+        # worker's puts
+        self.stats = {"sent": 0, "received": 0, "served": 0, "pushed": 0, "taken": 0,
+                      "answered": 0}
+        self.no_shm_replies: set = set()  # owners whose answers this worker cannot map
         self._tasks: set = set()  # merges ahead and pushes in flight (kept referenced)
 
     def close(self) -> None:
@@ -153,6 +162,18 @@ class Exchange:
                 self._push(owner, await self._thread(owner.speculate, clock, ranks))
             self._start(ahead())
 
+    async def _merge_ahead(self, owner: Owner, clock: int):
+        """:meth:`Owner.speculate` of round ``clock`` (awaited: in the thread for large
+        shards); ``None`` when it cannot be merged yet or is no longer of use."""
+        if not self.policy.group or self.run is None or owner is not self.owner:
+            return None
+        ranks = range(len(self.members))
+        if owner.nbytes <= INLINE_BYTES:
+            got = owner.speculate(clock, ranks)
+        else:
+            got = await self._thread(owner.speculate, clock, ranks)
+        return got if owner is self.owner else None
+
     def _cancel_tasks(self) -> None:
         for task in list(self._tasks):
             task.cancel()
@@ -163,14 +184,15 @@ class Exchange:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _push(self, owner: Owner, got) -> None:
-        """Send each other member what a ``get`` of the merge ahead would answer it."""
+    def _push(self, owner: Owner, got, answered: int | None = None) -> None:
+        """Send each other member what a ``get`` of the merge ahead would answer it
+        (but rank ``answered``: the answer to its put carries it)."""
         if got is None or owner is not self.owner:
             return
         entry, shard, replies = got
         fit, gen = self.key
         for r, address in enumerate(self.members):
-            if r != owner.j:
+            if r != owner.j and r != answered:
                 center = shard if r in replies else None
                 self._start(self._push_to(address, fit, gen, owner.j, entry,
                                           replies.get(r, shard), center))
@@ -192,29 +214,51 @@ class Exchange:
         """Handler: a shard another owner merged ahead (kept for :meth:`take`)."""
         key = (protocol.int_field(msg, "fit"), protocol.int_field(msg, "gen"))
         j = protocol.int_field(msg, "shard", 0, 1_000_000)
-        entry = MergeEntry.from_msg(msg.get("entry"))
+        self._keep(key, j, MergeEntry.from_msg(msg.get("entry")), msg.get("pieces"),
+                   msg.get("center"), "pushed")
+        return ok()
+
+    def keep_answer(self, key: tuple, j: int, reply: dict, owner_address: str) -> None:
+        """The shard ``j`` that its owner merged ahead and sent in its answer to this
+        worker's put (kept for :meth:`take` as a push is).  An answer that cannot be
+        read is dropped (the shard is then asked for); one in a file this worker
+        cannot map makes later puts to that owner ask for answers over the comm."""
+        try:
+            if self._keep(key, j, MergeEntry.from_msg(reply.get("merged")),
+                          reply.get("pieces"), reply.get("center"), "sent with the answer"):
+                self.stats["answered"] += 1
+        except shm.ShmUnavailable as e:
+            self.no_shm_replies.add(owner_address)
+            logger.debug("daskdl: shard %d from %s: %s", j, owner_address, e)
+        except (ProtocolError, DaskDLError) as e:
+            logger.debug("daskdl: shard %d from %s dropped: %s", j, owner_address, e)
+
+    def _keep(self, key: tuple, j: int, entry: MergeEntry, pieces_obj, center_obj,
+              how: str) -> bool:
+        """Check and keep a shard merged ahead by its owner (ProtocolError if malformed);
+        False when it is of no use here (another generation)."""
         if key != self.key or self.map is None:
-            return ok()  # another generation: of no use here
+            return False
         if not 0 <= j < len(self.members):
-            raise ProtocolError(f"shard {j} pushed: there are {len(self.members)} shards")
+            raise ProtocolError(f"shard {j} {how}: there are {len(self.members)} shards")
         if j == self.owner.j:
-            raise ProtocolError(f"shard {j} pushed to its own owner")
+            raise ProtocolError(f"shard {j} {how} to its own owner")
         if len(entry.contributions) > len(self.members):
-            raise ProtocolError(f"shard {j} pushed: its merge lists "
+            raise ProtocolError(f"shard {j} {how}: its merge lists "
                                 f"{len(entry.contributions)} updates for "
                                 f"{len(self.members)} workers")
         limit = self.map.nbytes(j) + 64 * 1024 + 64 * len(self.map.specs)
         got = []
-        for name in ("pieces", "center"):
-            if name == "center" and msg.get(name) is None:
+        for obj in (pieces_obj, center_obj):
+            if obj is None and got:  # no center
                 got.append(None)
                 continue
-            pieces = self.load(msg.get(name), limit=limit, what=f"shard {j} pushed")
-            check_pieces(pieces, self.map.piece_specs(j), f"shard {j} pushed", finite=False)
+            pieces = self.load(obj, limit=limit, what=f"shard {j} {how}")
+            check_pieces(pieces, self.map.piece_specs(j), f"shard {j} {how}", finite=False)
             got.append(pieces)
         self.inbox[j] = (key, entry, *got)
         self._signal()
-        return ok()
+        return True
 
     async def take(self, j: int, key: tuple, version: int, entries,
                    rank: int | None) -> tuple | None:
@@ -304,8 +348,23 @@ class Exchange:
         self._signal()
         self.stats["received"] += protocol.payload_nbytes(msg.get("pieces")) or \
             _nbytes(pieces)
-        self._speculate(owner, clock)
-        return ok()
+        got = await self._merge_ahead(owner, clock)
+        if got is None:
+            return ok()
+        # this piece completed the round: the answer carries the sender's shard
+        self._push(owner, got, answered=rank)
+        return ok(**self._answer(got, rank, protocol.bool_field(msg, "shm_answer", False)))
+
+    def _answer(self, got, rank: int, via_shm: bool) -> dict:
+        """What a ``get`` of the merge ahead would answer ``rank``, for the answer to
+        its put (references to this host's shared memory when ``via_shm``)."""
+        entry, shard, replies = got
+        pieces = replies.get(rank, shard)
+        center = shard if rank in replies else None
+        self.stats["pushed"] += _nbytes(pieces) + _nbytes(center)
+        outbox = self.outbox if via_shm else None
+        pieces, center = shm.reply(outbox, self.members[rank], [pieces, center], _ser)
+        return {"merged": entry.to_msg(), "pieces": pieces, "center": center}
 
     @property
     def shm_sent(self) -> int:

@@ -571,7 +571,7 @@ class Replica(WorkerPlugin):
                           received=last.get("bytes_received", 0),
                           merge=max(merge_s - last.get("owner_merge_s", merge_s), 0.0))
         msg = req.to_msg(self._secret)
-        taken = ex.stats["taken"]
+        taken, answered = ex.stats["taken"], ex.stats["answered"]
         shm_sent = ex.shm_sent
         t_start = time.perf_counter()
 
@@ -580,10 +580,14 @@ class Replica(WorkerPlugin):
             # as the plugin answers (an owner waits for a piece still on its way, and
             # fails at once when it refused it)
             call = asyncio.ensure_future(getattr(self.worker.scheduler, protocol.SYNC)(**msg))
-            # as the plugin hears them (a loss that is not finite arrives as None)
+            # as the plugin hears them (a loss that is not finite arrives as None); this
+            # worker's own piece last: its merge ahead must not hold up the others' pieces
             meta = (samples, self.version, loss if np.isfinite(loss) else None)
-            puts = asyncio.gather(*(self._put(spec, j, parts[j], delta, meta)
-                                    for j in range(len(parts or ()))), return_exceptions=True)
+            order = sorted(range(len(parts or ())), key=lambda j: j == spec.rank)
+            started = {j: asyncio.ensure_future(self._put(spec, j, parts[j], delta, meta))
+                       for j in order}
+            puts = asyncio.gather(*(started[j] for j in sorted(started)),
+                                  return_exceptions=True)
             reply = SyncReply.from_msg(await call)
             t_reply = time.perf_counter()
             got = None
@@ -621,6 +625,7 @@ class Replica(WorkerPlugin):
                         "owner_merge_s": ex.owner.merge_s, "bytes_sent": sent,
                         "bytes_received": received, "compression": raw / sent if sent else 1.0,
                         "pushed": ex.stats["taken"] - taken,
+                        "answered": ex.stats["answered"] - answered,
                         "shm": ex.shm_sent - shm_sent}
         return SyncReply(reply.status, at, params=params, waited=reply.waited,
                          reason=reply.reason, state=reply.state, steps=reply.steps)
@@ -644,16 +649,21 @@ class Replica(WorkerPlugin):
             return {"status": Status.OK.value}
         samples, base, loss = meta
         address = spec.members[j]
+        ex = self.exchange
+        shm_answer = ex.shm_in.enabled and address not in ex.no_shm_replies
 
         def call(payload):
             return getattr(self.worker.rpc(address), PUT)(
                 run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
                 rank=spec.rank, clock=spec.clock, shard=j, delta=delta,
                 pieces=payload, timeout=spec.timeout, samples=samples, base=base,
-                loss=loss)
+                loss=loss, shm_answer=shm_answer)
 
-        return await shm.send(self.exchange.outbox, address, "put", [pieces], call,
-                              to_serialize)
+        reply = await shm.send(ex.outbox, address, "put", [pieces], call, to_serialize)
+        if isinstance(reply, dict) and reply.get("merged") is not None and \
+                reply.get("status") == Status.OK.value:  # the owner merged: its shard
+            ex.keep_answer((spec.fit, spec.gen), j, reply, address)
+        return reply
 
     async def _gather(self, spec: RoundSpec, version: int, merges: list, rank) -> list:
         """The merged shards of ``version`` from their owners: ``(pieces, center,

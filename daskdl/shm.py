@@ -293,6 +293,23 @@ def _remove(files: set) -> None:
     files.clear()
 
 
+def reply(outbox: Outbox | None, address: str, groups, serialize) -> list:
+    """Payloads for a reply to ``address``: references to this worker's ``reply`` file
+    for that peer when shared memory serves it, else ``serialize(group)`` for each
+    group.  The file is rewritten by the next reply to that peer only, which answers
+    a message the peer sends after it copied this reply's arrays out (as the reply
+    came); a reader that finds it rewritten all the same refuses it (the sequence
+    number) and asks again over the comm."""
+    if outbox is not None and outbox.usable(address, groups):
+        s = outbox.slot(address, "reply")
+        try:
+            return s.write(groups)
+        except OSError:  # no room: the comm from now on
+            s.retire()
+            outbox.disable(address)
+    return [None if g is None else serialize(g) for g in groups]
+
+
 async def send(outbox: Outbox | None, address: str, kind: str, groups, call, serialize):
     """``await call(*payloads)``, one payload per group of arrays in ``groups`` (or
     None): references to this host's shared memory when ``address`` can read it,

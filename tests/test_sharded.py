@@ -177,6 +177,43 @@ def test_the_exchange_merges_once_a_piece_on_its_way_comes():
     asyncio.run(main())
 
 
+def test_a_put_answer_carries_the_shard_and_a_bad_one_is_dropped():
+    """The answer to the put that completes a round holds the sender's shard (kept
+    as a push is, taken for the merge the plugin logs); an answer that cannot be
+    read is dropped (the member then asks the owner), and one in a file this worker
+    cannot map makes its later puts to that owner ask for answers over the comm."""
+    import asyncio
+
+    async def main():
+        ex = _local_exchange(shards=2)
+        try:
+            logged = [MergeEntry(1, ((0, 0, 8, 0, 0.5), (1, 0, 8, 0, 0.5)), (0, 1))]
+            shard = [np.full(2, 5.0, np.float32)]
+            good = {"status": "OK", "merged": logged[0].to_msg(), "pieces": shard,
+                    "center": None}
+            ex.keep_answer((0, 0), 1, good, "b")
+            got = await ex.take(1, (0, 0), 1, logged, 0)
+            np.testing.assert_array_equal(got[0][0], shard[0])
+            assert got[1] is None and ex.stats["taken"] == 1 and not ex.no_shm_replies
+            assert ex.stats["answered"] == 1
+            # not shaped like shard 1, or another generation: nothing kept, nothing raised
+            ex.keep_answer((0, 0), 1, dict(good, pieces=[np.zeros(3, np.float32)]), "b")
+            ex.keep_answer((0, 1), 1, good, "b")
+            assert 1 not in ex.inbox and not ex.no_shm_replies
+            # a file this worker cannot open: dropped, and that owner answers over the comm
+            from daskdl import shm
+
+            ex.shm_in = shm.Inbox(enabled=True)
+            ref = {"shm": "daskdl-1-abcdef01-0-1", "seq": 1, "arrays": [["<f4", [2], 64]]}
+            ex.keep_answer((0, 0), 1, dict(good, pieces=ref), "b")
+            assert 1 not in ex.inbox and ex.no_shm_replies == {"b"}
+            assert ex.stats["answered"] == 1
+        finally:
+            ex.pool.shutdown(wait=False)
+
+    asyncio.run(main())
+
+
 def test_an_owner_merges_a_round_ahead_and_keeps_it_only_for_the_same_merge():
     """Under a group policy an owner holding every member's piece of a round merges
     it ahead; the result becomes the shard only when the plugin logs that very merge
@@ -344,6 +381,8 @@ def test_sharded_is_bit_identical_to_the_scheduler_path(client2, digits, policy)
     assert all(ranks[k]["bytes_in"] > 0 and ranks[k]["transfer_s"] > 0 for k in ranks)
     # the owners merged ahead and pushed the shards (EASGD: each rank its own reply)
     assert sum(r["pushed"] for r in tr_h.rounds) > 0
+    # ... or answered the put that completed a round with the sender's shard
+    assert sum(r["answered"] for r in tr_h.rounds) > 0
 
 
 def test_the_scheduler_holds_no_parameter_bytes_while_a_sharded_run_trains(client2, digits):
