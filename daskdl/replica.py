@@ -617,8 +617,16 @@ class Replica(WorkerPlugin):
             logger.info("daskdl: %s on %s: gathering the shards failed: %s", spec.where,
                         self.worker.address, got)
             return SyncReply(Status.REPLAN, reply.version)
-        params, center, at, received = self._assemble(spec, got)
-        ex.held = (at, center if center is not None else params, (spec.fit, spec.gen))
+        if not delta and reply.status is Status.OK and parts is not None and all(
+                g[1] is None and len(g[0]) == len(parts[j]) and
+                all(a is b for a, b in zip(g[0], parts[j])) for j, g in enumerate(got)):
+            # every merged shard is this worker's own piece, the very arrays (one member
+            # under an averaging policy): it continues from its own state, nothing to copy
+            params, center, at, received = None, None, min(g[2] for g in got), 0
+            ex.held = (at, leaves, (spec.fit, spec.gen))
+        else:
+            params, center, at, received = self._assemble(spec, got)
+            ex.held = (at, center if center is not None else params, (spec.fit, spec.gen))
         t_end = time.perf_counter()
         self.timings = {"transfer_s": t_end - t_start - (reply.waited or 0.0),
                         "gather_s": t_end - t_reply, "merge_s": ex.owner.merge_s - merge_s,
@@ -626,7 +634,7 @@ class Replica(WorkerPlugin):
                         "bytes_received": received, "compression": raw / sent if sent else 1.0,
                         "pushed": ex.stats["taken"] - taken,
                         "answered": ex.stats["answered"] - answered,
-                        "shm": ex.shm_sent - shm_sent}
+                        "shm": ex.shm_sent - shm_sent, "continued": params is None}
         return SyncReply(reply.status, at, params=params, waited=reply.waited,
                          reason=reply.reason, state=reply.state, steps=reply.steps)
 

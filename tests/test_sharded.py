@@ -425,6 +425,24 @@ def test_int8_with_error_feedback_trains_as_well_as_exact_updates(client2, digit
     assert min(ratios) > 3.0, min(ratios)  # int8 codes + one float32 scale per 256
 
 
+@pytest.mark.parametrize("policy,continues", [(ddl.BSP(every=4), True),
+                                              (ddl.DiLoCo(every=4), False)],
+                         ids=["BSP", "DiLoCo"])
+def test_one_worker_continues_from_its_own_state_when_the_merge_is_its_update(
+        client1, digits, policy, continues):
+    """With one worker an averaging merge is the worker's own update, the very arrays:
+    it continues from its own state (nothing assembled or put on the device again)
+    and ends bit-identical to the scheduler path; a merge that changes the shard
+    (DiLoCo's outer step) is assembled as before."""
+    p_sched, acc_s, _, _ = train(client1, digits, policy, epochs=2, sync="scheduler")
+    p_shard, acc_h, _, tr = train(client1, digits, policy, epochs=2, sync="sharded")
+    for a, b in zip(jax.tree_util.tree_leaves(p_sched), jax.tree_util.tree_leaves(p_shard)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert acc_s == acc_h
+    continued = [r["continued"] for r in tr.rounds]
+    assert all(continued) if continues else not any(continued), continued
+
+
 def test_shard_handlers_refuse_a_wrong_secret_wrong_shapes_and_unknown_runs(client2, digits):
     x, y = digits
     with ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.1),
