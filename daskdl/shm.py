@@ -21,8 +21,8 @@ header, checked before and after the copy).
 
 Anything else goes over Dask's comm as before: arrays of another dtype (bfloat16,
 compressed updates), small payloads, peers on other hosts, files beyond
-:data:`MAX_BYTES` per process (they stay between rounds: about twice the model per
-worker), a host without a writable ``/dev/shm`` or without room in it (space is reserved with
+:data:`MAX_BYTES` per process (they stay between rounds: up to three times the model
+per worker: pieces, pushes and answers), a host without a writable ``/dev/shm`` or without room in it (space is reserved with
 ``posix_fallocate``, so a full tmpfs is an error here, not a ``SIGBUS`` later: that
 peer gets the comm from then on), and a peer that cannot open the file (another
 container on the same address): the receiver answers ``shm: False``, and that peer
