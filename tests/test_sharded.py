@@ -425,6 +425,24 @@ def test_int8_with_error_feedback_trains_as_well_as_exact_updates(client2, digit
     assert min(ratios) > 3.0, min(ratios)  # int8 codes + one float32 scale per 256
 
 
+def test_three_workers_mix_answers_and_pushes_and_match_the_scheduler_path(digits):
+    """With three workers the owner answers the put that completed a round and pushes
+    the third member its shard: both kinds are taken, and BSP and EASGD (replies and
+    the centre in answers too) end bit-identical to the scheduler path."""
+    from .conftest import _cluster
+
+    with _cluster(3) as cluster, Client(cluster, set_as_default=False) as client:
+        for policy in (ddl.BSP(every=4), ddl.EASGD(every=4, alpha=0.3)):
+            p_s, acc_s, _, _ = train(client, digits, policy, epochs=1, sync="scheduler")
+            p_h, acc_h, _, tr = train(client, digits, policy, epochs=1, sync="sharded")
+            for a, b in zip(jax.tree_util.tree_leaves(p_s), jax.tree_util.tree_leaves(p_h)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert acc_s == acc_h
+            answered = sum(r["answered"] for r in tr.rounds)
+            taken = sum(r["pushed"] for r in tr.rounds)
+            assert 0 < answered < taken, (policy.name, answered, taken)
+
+
 @pytest.mark.parametrize("policy,continues", [(ddl.BSP(every=4), True),
                                               (ddl.DiLoCo(every=4), False)],
                          ids=["BSP", "DiLoCo"])
