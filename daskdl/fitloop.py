@@ -185,15 +185,13 @@ class Members:
 
 AUTO_FIRST = 4  # rounds per task before a round's time is known ("auto")
 AUTO_MAX = 64  # most rounds per task under "auto"
-AUTO_HINTED = 16  # most rounds per task before a fit measured its own rounds
 
 
 class FitLoop:
     """One call of :meth:`daskdl.Trainer.fit` (see the module docstring)."""
 
     def __init__(self, client: Client, cfg: FitConfig, start: FitStart, dataset,
-                 epochs: int, callbacks: list, bar, place: Callable, resume=None,
-                 round_hint: float | None = None):
+                 epochs: int, callbacks: list, bar, place: Callable, resume=None):
         self.c = client
         self.cfg = cfg
         self.start_at = start
@@ -218,10 +216,6 @@ class FitLoop:
         self.regroups = self.samples_seen = 0
         self.wake = threading.Event()  # set when a round's future is done
         self.per_task = cfg.rounds_per_task or AUTO_FIRST
-        if cfg.rounds_per_task is None and not callbacks and round_hint:
-            # a round's wall time in this trainer's fit before: the first tasks are sized
-            # from it (at most AUTO_HINTED rounds until this fit measured its own)
-            self.per_task = min(AUTO_HINTED, self._auto_size(round_hint))
         self.finished_at: dict = {}  # (generation, rank) -> when its last task finished
         self.round_s: dict = {}  # rank -> estimated wall seconds per round
         self.t_fit = self.t_epoch = time.perf_counter()
@@ -491,19 +485,9 @@ class FitLoop:
         per_round = (now - prev) / max(1, len(info["labels"]))
         old = self.round_s.get(rank)
         self.round_s[rank] = per_round if old is None else 0.5 * (old + per_round)
-        self.per_task = self._auto_size(self.typical_round_s())
+        typical = float(np.median(list(self.round_s.values())))
+        self.per_task = int(min(AUTO_MAX, max(1, round(self.cfg.task_seconds / typical))))
         self.queues.per_task = self.per_task
-
-    def _auto_size(self, round_s: float) -> int:
-        """Rounds per task for tasks of about ``task_seconds`` (at most ``AUTO_MAX``)."""
-        return int(min(AUTO_MAX, max(1, round(self.cfg.task_seconds / round_s))))
-
-    def typical_round_s(self) -> float | None:
-        """The median over ranks of a round's estimated wall time (``None`` before
-        any rank finished two tasks, or with a fixed ``rounds-per-task``)."""
-        if not self.round_s:
-            return None
-        return float(np.median(list(self.round_s.values())))
 
     def handle(self, info: dict) -> bool:
         """A round's future is done; True if it finished (and counts)."""

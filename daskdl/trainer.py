@@ -239,7 +239,6 @@ class Trainer:
         self._epoch = 0
         self._clock = 0
         self._fits = 0
-        self._round_s = None  # a round's wall time in the last fit: the next sizes its tasks
         self._placements: dict = {}
 
         self.client, self._owns_client = _client_or_local_cluster(client)
@@ -458,11 +457,10 @@ class Trainer:
                          state=list(ckpt["state"] if ckpt else self._state),
                          steps=int(ckpt["meta"].get("steps", 0)) if ckpt else self._steps)
         loop = FitLoop(self.client, self._fit_config(), start, dataset, epochs, callbacks,
-                       bar, self._place, resume=ckpt, round_hint=self._round_s)
+                       bar, self._place, resume=ckpt)
         try:
             loop.run()
         except BaseException as exc:
-            self._round_s = loop.typical_round_s() or self._round_s
             bar.close()
             root = self._fail(exc, [i["future"] for i in loop.pending.values()])
             self._finish_fit(loop.result)
@@ -470,7 +468,6 @@ class Trainer:
                 raise
             raise root from None
         bar.close()
-        self._round_s = loop.typical_round_s() or self._round_s
         self._finish_fit(loop.result)
         return loop.result.records
 

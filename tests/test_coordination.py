@@ -52,10 +52,6 @@ def test_auto_rounds_per_task_grows_tasks_for_short_rounds(client2, digits):
             coverage = tr.coverage
             seen = []  # with a callback, tasks keep 4 rounds (called soon after each)
             tr.fit(ds, epochs=1, verbose=False, callbacks=[seen.append])
-            hinted = tr._round_s
-            # a fit without callbacks starts from the round time the fits before measured:
-            # its first tasks are already long (16 rounds at most until it measures its own)
-            tr.fit(ds, epochs=1, verbose=False)
             run = tr.run
     R = 1024 // 2 // 16  # rounds per epoch and worker
     assert [h["rounds"] for h in hist] == [R] * 8
@@ -67,11 +63,7 @@ def test_auto_rounds_per_task_grows_tasks_for_short_rounds(client2, digits):
     tasks = {t["key"] for t in ts.data if str(t["key"]).startswith("daskdl-round-")}
     last = {k for k in tasks if k.startswith(f"daskdl-round-{run}-8-")}
     assert len(seen) == 2 * R and len(last) == 2 * (R // 4), sorted(last)
-    after = {k for k in tasks if k.startswith(f"daskdl-round-{run}-9-")}
-    firsts = sorted(int(k.split("-")[-2]) for k in after if k.endswith("-0"))
-    assert hinted is not None and firsts[0] == 0, firsts
-    assert firsts[1] == min(16, round(0.3 / hinted)) > 4, (firsts, hinted)
-    tasks -= last | after
+    tasks -= last
     # the first tasks hold 4 rounds; once a round's time is known (~ms here) they grow
     assert len(tasks) < 2 * 8 * R / 8, len(tasks)
 
