@@ -152,20 +152,24 @@ class Exchange:
     def _speculate(self, owner: Owner, clock: int) -> None:
         """Merge round ``clock`` ahead once every member's piece is here, and push the
         shard to the other members (on the event loop; large shards in the thread)."""
-        if not self.policy.group or self.run is None or owner is not self.owner:
+        if not self._merges_ahead(owner):
             return
-        ranks = range(len(self.members))
-        if owner.nbytes <= INLINE_BYTES:
-            self._push(owner, owner.speculate(clock, ranks))
-        else:
+        if owner.nbytes > INLINE_BYTES:
             async def ahead():
-                self._push(owner, await self._thread(owner.speculate, clock, ranks))
+                self._push(owner, await self._merge_ahead(owner, clock))
             self._start(ahead())
+        else:
+            self._push(owner, owner.speculate(clock, range(len(self.members))))
+
+    def _merges_ahead(self, owner: Owner) -> bool:
+        """Whether ``owner`` (still this worker's) merges rounds ahead: a group policy,
+        and a run to push for."""
+        return self.policy.group and self.run is not None and owner is self.owner
 
     async def _merge_ahead(self, owner: Owner, clock: int):
         """:meth:`Owner.speculate` of round ``clock`` (awaited: in the thread for large
         shards); ``None`` when it cannot be merged yet or is no longer of use."""
-        if not self.policy.group or self.run is None or owner is not self.owner:
+        if not self._merges_ahead(owner):
             return None
         ranks = range(len(self.members))
         if owner.nbytes <= INLINE_BYTES:
@@ -189,13 +193,12 @@ class Exchange:
         (but rank ``answered``: the answer to its put carries it)."""
         if got is None or owner is not self.owner:
             return
-        entry, shard, replies = got
+        entry = got[0]
         fit, gen = self.key
         for r, address in enumerate(self.members):
             if r != owner.j and r != answered:
-                center = shard if r in replies else None
                 self._start(self._push_to(address, fit, gen, owner.j, entry,
-                                          replies.get(r, shard), center))
+                                          *_for_rank(got, r)))
 
     async def _push_to(self, address: str, fit: int, gen: int, j: int, entry, pieces,
                        center) -> None:
@@ -358,13 +361,11 @@ class Exchange:
     def _answer(self, got, rank: int, via_shm: bool) -> dict:
         """What a ``get`` of the merge ahead would answer ``rank``, for the answer to
         its put (references to this host's shared memory when ``via_shm``)."""
-        entry, shard, replies = got
-        pieces = replies.get(rank, shard)
-        center = shard if rank in replies else None
+        pieces, center = _for_rank(got, rank)
         self.stats["pushed"] += _nbytes(pieces) + _nbytes(center)
         outbox = self.outbox if via_shm else None
         pieces, center = shm.reply(outbox, self.members[rank], [pieces, center], _ser)
-        return {"merged": entry.to_msg(), "pieces": pieces, "center": center}
+        return {"merged": got[0].to_msg(), "pieces": pieces, "center": center}
 
     @property
     def shm_sent(self) -> int:
@@ -456,6 +457,14 @@ class Exchange:
     async def held_version(self, **msg) -> dict:
         version, _, key = self.held
         return ok(version=version, key=list(key) if key else None)
+
+
+def _for_rank(got, rank: int) -> tuple:
+    """``(pieces, center)`` a ``get`` of the merge ahead ``got = (entry, shard,
+    replies)`` answers ``rank``: its reply and the shard where it has one (EASGD), else
+    the shard alone."""
+    _, shard, replies = got
+    return (replies[rank], shard) if rank in replies else (shard, None)
 
 
 def _ser(x):

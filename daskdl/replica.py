@@ -617,11 +617,8 @@ class Replica(WorkerPlugin):
             logger.info("daskdl: %s on %s: gathering the shards failed: %s", spec.where,
                         self.worker.address, got)
             return SyncReply(Status.REPLAN, reply.version)
-        if not delta and reply.status is Status.OK and parts is not None and all(
-                g[1] is None and len(g[0]) == len(parts[j]) and
-                all(a is b for a, b in zip(g[0], parts[j])) for j, g in enumerate(got)):
-            # every merged shard is this worker's own piece, the very arrays (one member
-            # under an averaging policy): it continues from its own state, nothing to copy
+        if not delta and reply.status is Status.OK and _own_pieces(got, parts):
+            # one member under an averaging policy: it continues from its own state
             params, center, at, received = None, None, min(g[2] for g in got), 0
             ex.held = (at, leaves, (spec.fit, spec.gen))
         else:
@@ -827,6 +824,14 @@ def quiet_round_failures() -> None:
 def _inexact(dtype) -> bool:
     """Floating point, bfloat16 included (numpy's issubdtype says no to it)."""
     return bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def _own_pieces(got: list, parts) -> bool:
+    """Whether every merged shard :meth:`Replica._gather` got is this worker's own
+    piece, the very arrays it sent (nothing to assemble or copy)."""
+    return parts is not None and all(
+        g[1] is None and len(g[0]) == len(parts[j]) and
+        all(a is b for a, b in zip(g[0], parts[j])) for j, g in enumerate(got))
 
 
 def _entry(m):
