@@ -578,21 +578,14 @@ class Replica(WorkerPlugin):
         async def exchange():
             # the pieces and the arrival travel at once; the shards are asked for as soon
             # as the plugin answers (an owner waits for a piece still on its way, and
-            # fails at once when it refused it).  Pieces carry what the plugin hears (a
-            # loss that is not finite arrives as None).  In this order: the pieces for
-            # the other owners (an owner that waits is pinned to its core, the scheduler
-            # is not: a scheduler woken first takes that core while the piece is on its
-            # way), the arrival, then this worker's own piece, whose merge ahead runs
-            # right here and must hold up neither
-            meta = (samples, self.version, loss if np.isfinite(loss) else None)
-
-            def put(j):
-                return asyncio.ensure_future(self._put(spec, j, parts[j], delta, meta))
-
-            started = {j: put(j) for j in range(len(parts or ())) if j != spec.rank}
+            # fails at once when it refused it)
             call = asyncio.ensure_future(getattr(self.worker.scheduler, protocol.SYNC)(**msg))
-            if parts:
-                started[spec.rank] = put(spec.rank)
+            # as the plugin hears them (a loss that is not finite arrives as None); this
+            # worker's own piece last: its merge ahead must not hold up the others' pieces
+            meta = (samples, self.version, loss if np.isfinite(loss) else None)
+            order = sorted(range(len(parts or ())), key=lambda j: j == spec.rank)
+            started = {j: asyncio.ensure_future(self._put(spec, j, parts[j], delta, meta))
+                       for j in order}
             puts = asyncio.gather(*(started[j] for j in sorted(started)),
                                   return_exceptions=True)
             reply = SyncReply.from_msg(await call)
