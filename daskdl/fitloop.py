@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import dask
 import numpy as np
 from distributed import Client
 from distributed.protocol.serialize import to_serialize
@@ -359,7 +358,7 @@ class FitLoop:
 
     def round_task(self, rank: int, rounds: list):
         """The task running ``rounds`` (``(entry, round, clock)``, consecutive) of worker
-        ``rank`` (a Delayed), and its info.  Its key names its first round:
+        ``rank`` (the arguments of ``Client.submit``), and its info.  Its key names its first round:
         ``daskdl-round-<run>-<epoch>-<round>-<rank>``."""
         segments = {clock: self.entries[i].plan.round_segments(rank, k)
                     for i, k, clock in rounds}
@@ -374,11 +373,13 @@ class FitLoop:
         kwargs = {}
         if self.cfg.sharded and self.gen == 0:  # the fit's params, already on every worker
             kwargs["init"] = self.init  # (used by whichever round of the rank runs first)
-        with dask.annotate(workers=[addr], allow_other_workers=False, priority=-first.clock):
-            d = dask.delayed(run_rounds, pure=False)(specs, chunks if blocks else (),
-                                                     *blocks, dask_key_name=key, **kwargs)
-        return d, {"gen": self.gen, "rank": rank, "segments": segments,
-                   "labels": [sp.epoch for sp in specs]}
+        # Client.submit, not dask.delayed + compute: no tokenising of the specs and no
+        # graph optimisation, a third of the client's CPU per task (docs/benchmarks.md)
+        task = ((run_rounds, specs, chunks if blocks else (), *blocks),
+                dict(kwargs, key=key, workers=[addr], allow_other_workers=False,
+                     priority=-first.clock))
+        return task, {"gen": self.gen, "rank": rank, "segments": segments,
+                      "labels": [sp.epoch for sp in specs]}
 
     def _next_chunks(self, i: int, rank: int, k: int) -> tuple:
         """Chunks of ``rank``'s next round (prefetched by a worker reading Zarr)."""
@@ -393,8 +394,9 @@ class FitLoop:
 
     def top_up(self) -> None:
         """Submit rounds so that every worker has ``rounds_ahead`` waiting or running:
-        all workers in one graph (one message to the scheduler), each round restricted
-        to its worker and prioritised by its clock.  Rounds do not depend on each
+        one ``Client.submit`` per task (the client's batched stream carries those of one
+        pass to the scheduler together), each restricted to its worker and prioritised
+        by its clock.  Rounds do not depend on each
         other, so the next one starts on the worker without a scheduler round trip."""
         new = []
         for rank, rounds in self.queues.take():
@@ -406,7 +408,7 @@ class FitLoop:
             new.append(self.round_task(rank, rounds))
         if not new:
             return
-        futs = self.c.compute([d for d, _ in new], optimize_graph=False)
+        futs = [self.c.submit(*args, **kw) for (args, kw), _ in new]
         for (_, info), fut in zip(new, futs):
             info["future"] = fut
             self.pending[fut.key] = info

@@ -278,10 +278,12 @@ def test_a_round_that_starts_early_waits_for_the_rounds_before_it(client1):
         loop = FitLoop(client1, tr._fit_config(), FitStart(tr._leaves, 0, 0, [], 1), ds, 1,
                        [], _progress_bar(0, False), tr._place)
         loop.start()  # places the data, plans the epoch, starts the run on the scheduler
-        late = client1.compute(loop.round_task(0, [(0, 1, 1)])[0], optimize_graph=False)
+        (args, kw), _ = loop.round_task(0, [(0, 1, 1)])
+        late = client1.submit(*args, **kw)
         time.sleep(1.0)
         assert late.status == "pending"  # started, waiting for round 0
-        early = client1.compute(loop.round_task(0, [(0, 0, 0)])[0], optimize_graph=False)
+        (args, kw), _ = loop.round_task(0, [(0, 0, 0)])
+        early = client1.submit(*args, **kw)
         (r0,), (r1,) = early.result(timeout=60), late.result(timeout=60)
         assert (r0["version"], r1["version"]) == (1, 2)
         arrivals = [h["clock"] for h in tr.info()["history"] if h["kind"] == "arrive"]
