@@ -18,7 +18,15 @@ teacher-labelled data, measured in one invocation:
   2-process scaling here; ``daskdl-2 / ddp-2`` what coordinating through Dask costs.
 
 Also samples/s over whole ``fit`` calls (epoch ends included): a fit of 1 + epochs
-minus a fit of 1 in the same trainer, so start-up and compilation cancel out.
+minus a fit of 1 in the same trainer, so start-up and compilation cancel out; the
+median over ``--pairs`` such short/long pairs (default 3: one pair is one difference
+of two wall times, and a hiccup of this machine in either fit moves it by 10-20 %;
+the first pair alone, the figure of earlier versions, is printed too).
+
+The plain loop runs twice, first and again after the daskdl runs, and its
+figure is the median over the steady epochs of both, so that a machine drifting
+during the invocation moves the baseline with the runs compared against it (each
+run's own figure is printed).
 
 Samples/s are medians over the steady epochs (the first epoch, with worker
 start-up and compilation, is reported apart).  Prints the ratios
@@ -182,21 +190,25 @@ def ddp(world: int, epochs: int, per_worker: int) -> list[float] | None:
     return [world * (per_worker // (EVERY * BATCH)) * EVERY * BATCH / t for t in seconds]
 
 
-def whole_fits(tr, ds, extra: int) -> float:
-    """Samples/s over whole ``fit`` calls, epoch ends included: a fit of ``1 + extra``
-    epochs minus a fit of 1 (start-up and compilation cancel out)."""
-    t = time.perf_counter()
-    short = tr.fit(ds, epochs=1, verbose=False)
-    t_short = time.perf_counter() - t
-    t = time.perf_counter()
-    long = tr.fit(ds, epochs=1 + extra, verbose=False)
-    t_long = time.perf_counter() - t
-    samples = sum(h["samples"] for h in long) - sum(h["samples"] for h in short)
-    return samples / (t_long - t_short)
+def whole_fits(tr, ds, extra: int, pairs: int = 1) -> list[float]:
+    """Samples/s over whole ``fit`` calls, epoch ends included, for each of ``pairs``
+    pairs: a fit of ``1 + extra`` epochs minus a fit of 1 (start-up and compilation
+    cancel out)."""
+    rates = []
+    for _ in range(pairs):
+        t = time.perf_counter()
+        short = tr.fit(ds, epochs=1, verbose=False)
+        t_short = time.perf_counter() - t
+        t = time.perf_counter()
+        long = tr.fit(ds, epochs=1 + extra, verbose=False)
+        t_long = time.perf_counter() - t
+        samples = sum(h["samples"] for h in long) - sum(h["samples"] for h in short)
+        rates.append(samples / (t_long - t_short))
+    return rates
 
 
-def with_daskdl(x, y, workers: int, epochs: int,
-                sync: str = "auto") -> tuple[list[float], float, float]:
+def with_daskdl(x, y, workers: int, epochs: int, sync: str = "auto",
+                pairs: int = 1) -> tuple[list[float], float, list[float]]:
     t0 = time.perf_counter()
     with cluster_config():
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -220,7 +232,7 @@ def with_daskdl(x, y, workers: int, epochs: int,
                   ", ".join(f"{k[:-2]} {v:.1f}" for k, v in med.items()))
             startup = (hist[0]["seconds"] + (time.perf_counter() - t0)
                        - sum(h["seconds"] for h in hist))
-            whole = whole_fits(tr, ds, epochs)
+            whole = whole_fits(tr, ds, epochs, pairs)
     return [h["samples"] / h["seconds"] for h in hist], startup, whole
 
 
@@ -313,6 +325,8 @@ def main():
     p.add_argument("--browser-nice", type=int, default=0,
                    help="with --dashboard: nice value of the browser (19: as if elsewhere)")
     p.add_argument("--no-ddp", action="store_true", help="skip the ddp-2 baseline")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="short/long fit pairs for the whole-fit figures (their median)")
     p.add_argument("--sync", default="auto", choices=("auto", "scheduler", "sharded"),
                    help="Trainer(sync=...) of the daskdl runs (default: auto)")
     p.add_argument("--shared-memory", default="auto", choices=("auto", "false"),
@@ -334,22 +348,32 @@ def main():
         return
     x1, y1 = x2[:a.samples_per_worker], y2[:a.samples_per_worker]
 
+    if a.pairs < 1:
+        p.error("--pairs must be at least 1")
     rates_plain = plain(x1, y1, a.epochs)
     rates_ddp = None if a.no_ddp else ddp(2, 1 + a.epochs, a.samples_per_worker)
     with dask.config.set({"daskdl.shared-memory": a.shared_memory != "false"}):
-        rates_1, start_1, whole_1 = with_daskdl(x1, y1, 1, a.epochs, a.sync)
-        rates_2, start_2, whole_2 = with_daskdl(x2, y2, 2, a.epochs, a.sync)
+        rates_1, start_1, pairs_1 = with_daskdl(x1, y1, 1, a.epochs, a.sync, a.pairs)
+        rates_2, start_2, pairs_2 = with_daskdl(x2, y2, 2, a.epochs, a.sync, a.pairs)
+    rates_plain_after = plain(x1, y1, a.epochs)
 
-    med = {k: statistics.median(v[1:]) for k, v in
-           {"plain": rates_plain, "daskdl-1": rates_1, "daskdl-2": rates_2}.items()}
+    med = {k: statistics.median(v) for k, v in
+           {"plain": rates_plain[1:] + rates_plain_after[1:], "daskdl-1": rates_1[1:],
+            "daskdl-2": rates_2[1:]}.items()}
     print(f"{'run':10s} {'samples/s (median of steady epochs)':>36s}  all epochs")
-    for k, v in zip(med, (rates_plain, rates_1, rates_2)):
+    for k, v in zip(med, (rates_plain + rates_plain_after, rates_1, rates_2)):
         print(f"{k:10s} {med[k]:36.0f}  {[round(r) for r in v]}")
+    print(f"plain loop first {statistics.median(rates_plain[1:]):.0f}, after the daskdl runs "
+          f"{statistics.median(rates_plain_after[1:]):.0f} samples/s (the baseline: both)")
     print(f"one-off start-up + first epoch: daskdl-1 {start_1:.1f}s, daskdl-2 {start_2:.1f}s")
     print(f"ratio daskdl-1 / plain    = {med['daskdl-1'] / med['plain']:.3f}  (target >= 0.97)")
     print(f"ratio daskdl-2 / daskdl-1 = {med['daskdl-2'] / med['daskdl-1']:.3f}  (target >= 1.8)")
-    print(f"whole fits (long minus short fit, epoch ends included): daskdl-1 {whole_1:.0f}, "
-          f"daskdl-2 {whole_2:.0f} samples/s")
+    whole_1, whole_2 = statistics.median(pairs_1), statistics.median(pairs_2)
+    print(f"whole fits (long minus short fit, epoch ends included; median of {a.pairs} "
+          f"pairs): daskdl-1 {whole_1:.0f} {[round(r) for r in pairs_1]}, "
+          f"daskdl-2 {whole_2:.0f} {[round(r) for r in pairs_2]} samples/s")
+    print(f"first pair alone: whole-fit daskdl-1 / plain = {pairs_1[0] / med['plain']:.3f}, "
+          f"daskdl-2 / daskdl-1 = {pairs_2[0] / pairs_1[0]:.3f}")
     print(f"whole-fit ratio daskdl-1 / plain    = {whole_1 / med['plain']:.3f}  (target >= 0.97)")
     print(f"whole-fit ratio daskdl-2 / daskdl-1 = {whole_2 / whole_1:.3f}  (target >= 1.8)")
     if rates_ddp is not None:
