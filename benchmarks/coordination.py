@@ -30,8 +30,8 @@ coordination.  For each (N, E):
 
 A first fit compiles and warms up; the second is measured.  Medians of ``--repeats``.
 ``--profile DIR`` profiles the scheduler's event loop (cProfile, started and stopped on
-the scheduler) and the client during the measured fit only
-fit too, and prints the top functions by cumulative time of each.
+the scheduler) and the client during the measured fit only, and prints the top
+functions by cumulative time of each.
 """
 
 from __future__ import annotations
