@@ -1,6 +1,6 @@
 """What faults and checkpoints cost: digits training with a worker killed and one joining.
 
-    python benchmarks/faults.py [--epochs 60] [--repeats 3]
+    python benchmarks/faults.py [--epochs 60] [--repeats 3] [--sync sharded]
 
 Two worker processes without nannies (``dask worker --no-nanny``), one thread
 each, ``BSP(every=4)``, the digits MLP of ``examples/digits.py``, in one
@@ -12,8 +12,9 @@ invocation, ``--repeats`` times each (medians):
 * ``checkpoint``: the plain run with ``checkpoint_every=20`` rounds (about every
   0.25 s here) to a local directory.
 
-Prints wall times and the ratio fault / no-fault, the final test accuracy of
-both, and what a checkpoint costs: the time the scheduler's event loop spends
+Prints wall times and the ratio fault / no-fault, the longest pause between two
+rounds reported after the kill (until the new worker is started: how long the
+survivor took to go on alone), the final test accuracy of both, and what a checkpoint costs: the time the scheduler's event loop spends
 taking a snapshot (copying the arrays; the write is in a background thread),
 the extra synchronisation time of the rounds that carry a checkpoint (they send
 the optimizer state), and the wall-time ratio checkpoint / no-fault.
@@ -59,7 +60,7 @@ def data():
     return ddl.Dataset.from_arrays(x=x, y=y, chunk_size=90).split(0.8, seed=0)
 
 
-def one_run(kind: str, epochs: int) -> dict:
+def one_run(kind: str, epochs: int, sync: str = "auto") -> dict:
     train, test = data()
     cluster = LocalCluster(n_workers=0, dashboard_address=":0")
     procs = [start_worker(cluster.scheduler_address) for _ in range(2)]
@@ -71,18 +72,22 @@ def one_run(kind: str, epochs: int) -> dict:
             ckpt = tempfile.mkdtemp(prefix="daskdl-bench-") if kind == "checkpoint" else None
             trainer = ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(3e-3),
                                   policy=ddl.BSP(every=4), batch_size=32, client=client,
-                                  seed=0, checkpoint=ckpt,
+                                  seed=0, checkpoint=ckpt, sync=sync,
                                   checkpoint_every=CKPT_EVERY if ckpt else None)
             trainer.fit(train, epochs=1, verbose=False)  # compile and warm up
             per_epoch = len(trainer.rounds) // 2
             total = per_epoch * 2 * epochs
-            seen = {"n": 0, "killed": None, "joined": None}
+            seen = {"n": 0, "killed": None, "joined": None, "last": None, "pause": 0.0}
             t0 = time.perf_counter()
 
             def cb(r):
                 seen["n"] += 1
                 if kind != "fault":
                     return
+                now = time.perf_counter()
+                if seen["killed"] is not None and seen["joined"] is None:
+                    seen["pause"] = max(seen["pause"], now - seen["last"])
+                seen["last"] = now
                 if seen["killed"] is None and seen["n"] >= 0.3 * total:
                     victim = sorted(pids)[-1]
                     os.kill(pids[victim], signal.SIGKILL)
@@ -99,6 +104,7 @@ def one_run(kind: str, epochs: int) -> dict:
             out["workers_at_end"] = len(info["members"])
             if kind == "fault":
                 out["killed_at_s"], out["started_joiner_at_s"] = seen["killed"], seen["joined"]
+                out["pause_s"] = seen["pause"]
             if ckpt:
                 m = info["metrics"]
                 marks = {h["clock"] for h in info["history"] if h["kind"] == "checkpoint"}
@@ -122,11 +128,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sync", default="auto", choices=("auto", "scheduler", "sharded"),
+                    help="Trainer(sync=...) (auto: the scheduler path for this small model)")
     args = ap.parse_args()
     runs: dict = {"no-fault": [], "fault": [], "checkpoint": []}
     for i in range(args.repeats):
         for kind in runs:
-            r = one_run(kind, args.epochs)
+            r = one_run(kind, args.epochs, args.sync)
             runs[kind].append(r)
             print(f"[{i}] {kind:10s} " + ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -139,6 +147,9 @@ def main():
     print(f"wall time  no-fault {med('no-fault', 'seconds'):.2f}s, fault "
           f"{med('fault', 'seconds'):.2f}s, ratio fault/no-fault "
           f"{med('fault', 'seconds') / med('no-fault', 'seconds'):.3f}")
+    pauses = ", ".join(f"{r['pause_s']:.2f}" for r in runs["fault"])
+    print(f"longest pause between two rounds reported after the kill: "
+          f"{med('fault', 'pause_s'):.2f}s (runs: {pauses})")
     print(f"accuracy   no-fault {med('no-fault', 'accuracy'):.4f}, fault "
           f"{med('fault', 'accuracy'):.4f}")
     print(f"checkpoint every {CKPT_EVERY} rounds: {med('checkpoint', 'checkpoints'):.0f} written "

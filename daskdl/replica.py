@@ -57,6 +57,10 @@ from .step import DeviceMesh, init_state, make_train_steps, set_step_count
 from .model import takes_key
 from .tree import aligned_empty, flatten, unflatten
 
+# an exchange call to another worker that has not answered after this long asks the
+# scheduler whether that worker is still there (then again after as long)
+OWNER_CHECK_S = 1.0
+
 logger = logging.getLogger("daskdl")
 
 
@@ -590,13 +594,17 @@ class Replica(WorkerPlugin):
                                   return_exceptions=True)
             reply = SyncReply.from_msg(await call)
             t_reply = time.perf_counter()
-            got = None
-            if reply.status in (Status.OK, Status.REJECTED):
-                rank = None if reply.status is Status.REJECTED else spec.rank
-                try:
-                    got = await self._gather(spec, reply.version, list(reply.merges), rank)
-                except (OSError, DaskDLError) as e:  # an owner left or refused a piece
-                    got = e
+            if reply.status not in (Status.OK, Status.REJECTED):
+                # replan, aborted, refused: the pieces are not needed any more, and a
+                # put to an owner that left sits in Dask's connect retries (30 s)
+                puts.cancel()
+                return reply, [], t_reply, None
+            rank = None if reply.status is Status.REJECTED else spec.rank
+            try:
+                got = await self._gather(spec, reply.version, list(reply.merges), rank,
+                                         started)
+            except (OSError, DaskDLError) as e:  # an owner left or refused a piece
+                got = e
             return reply, await puts, t_reply, got
 
         with context_meter.meter("daskdl-sync"):
@@ -658,11 +666,11 @@ class Replica(WorkerPlugin):
         shm_answer = ex.shm_in.enabled and address not in ex.no_shm_replies
 
         def call(payload):
-            return getattr(self.worker.rpc(address), PUT)(
+            return _watched(self.worker, address, getattr(self.worker.rpc(address), PUT)(
                 run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
                 rank=spec.rank, clock=spec.clock, shard=j, delta=delta,
                 pieces=payload, timeout=spec.timeout, samples=samples, base=base,
-                loss=loss, shm_answer=shm_answer)
+                loss=loss, shm_answer=shm_answer))
 
         reply = await shm.send(ex.outbox, address, "put", [pieces], call, to_serialize)
         if isinstance(reply, dict) and reply.get("merged") is not None and \
@@ -670,10 +678,15 @@ class Replica(WorkerPlugin):
             ex.keep_answer((spec.fit, spec.gen), j, reply, address)
         return reply
 
-    async def _gather(self, spec: RoundSpec, version: int, merges: list, rank) -> list:
+    async def _gather(self, spec: RoundSpec, version: int, merges: list, rank,
+                      puts: dict | None = None) -> list:
         """The merged shards of ``version`` from their owners: ``(pieces, center,
         version)`` for each shard (on the event loop; see :meth:`_assemble`); a shard
-        its owner pushed as the very merge the plugin logged is taken as it is."""
+        its owner pushed as the very merge the plugin logged is taken as it is.  An
+        owner is asked only once this round's put to it (``puts``, shard -> task) is
+        done: the owner cannot answer before it has the piece, and an owner the put
+        found gone (an ``OSError``) is not asked at all (Dask would retry connecting
+        to it for ``distributed.comm.timeouts.connect``, 30 s)."""
         from .exchange import GET
 
         ex = self.exchange
@@ -688,9 +701,15 @@ class Replica(WorkerPlugin):
             pushed = await ex.take(j, (spec.fit, spec.gen), version, entries, rank)
             if pushed is not None:
                 return pushed[0], pushed[1], version
-            r = await getattr(self.worker.rpc(spec.members[j]), GET)(
+            put = (puts or {}).get(j)
+            if put is not None:
+                await asyncio.wait([put])
+                if isinstance(put.exception(), OSError):  # the owner left
+                    raise put.exception()
+            r = await _watched(self.worker, spec.members[j],
+                               getattr(self.worker.rpc(spec.members[j]), GET)(
                 run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
-                version=version, rank=rank, merges=merges, timeout=spec.timeout)
+                version=version, rank=rank, merges=merges, timeout=spec.timeout))
             if r.get("status") != Status.OK.value:
                 raise DaskDLError(f"the owner of shard {j} refused: {r.get('reason')}")
             pieces = protocol.load(r["pieces"])
@@ -796,6 +815,26 @@ def _moved(synced, now, start):
 @jax.jit
 def _deltas(new, old):
     return [a - b for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old))]
+
+
+async def _watched(worker, address: str, call):
+    """``await call``, an RPC to the worker at ``address``; while it has not answered,
+    every :data:`OWNER_CHECK_S` ask the scheduler whether that worker is still there,
+    and raise ``OSError`` once it is not.  Dask retries connecting to an address that
+    refuses for ``distributed.comm.timeouts.connect`` (30 s): without this, a round
+    whose owner was killed after taking its piece waited that long to re-plan."""
+    task = asyncio.ensure_future(call)
+    while True:
+        done, _ = await asyncio.wait([task], timeout=OWNER_CHECK_S)
+        if done:
+            return task.result()
+        try:
+            present = await worker.scheduler.ncores(workers=[address])
+        except OSError:  # the scheduler itself is unreachable: Dask's timeouts decide
+            present = {address: None}
+        if address not in present:
+            task.cancel()
+            raise CommClosedError(f"{address} left the cluster while a sync waited for it")
 
 
 class _QuietRounds(logging.Filter):

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from distributed import Client
+from distributed.utils_test import gen_cluster
 
 import daskdl as ddl
 from daskdl import protocol
@@ -609,3 +610,32 @@ def test_overlap_needs_sharded_sync_and_a_merge_without_state():
     with pytest.raises(ValueError, match="outer momentum"):
         ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.sgd(0.1),
                     policy=ddl.DiLoCo(every=4), sync="sharded", overlap=True)
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)],
+             config={"distributed.comm.timeouts.connect": "600s"})
+async def test_a_call_to_a_worker_that_left_fails_once_the_scheduler_has_removed_it(s, a, b):
+    """A sharded round asks an owner for its merged shard after the plugin's answer;
+    when that owner was killed after taking this worker's piece, Dask would retry
+    connecting to it for its connect timeout (30 s by default, 600 s here) before the
+    round could re-plan.  The exchange's calls ask the scheduler instead while they
+    wait: a call to a present worker that answers slowly is left alone, one to a
+    worker the scheduler removed fails at once."""
+    import asyncio
+
+    from daskdl.replica import OWNER_CHECK_S, _watched
+
+    async def slow_echo(x):
+        await asyncio.sleep(2.5 * OWNER_CHECK_S)
+        return x
+
+    b.handlers["daskdl_test_slow_echo"] = slow_echo
+    assert await _watched(a, b.address, a.rpc(b.address).daskdl_test_slow_echo(x=7)) == 7
+
+    gone = b.address
+    await b.close()
+    while gone in s.workers:
+        await asyncio.sleep(0.01)
+    with pytest.raises(OSError, match="left the cluster"):
+        # wait_for guards the suite: without the check this call hangs for 600 s
+        await asyncio.wait_for(_watched(a, gone, a.rpc(gone).identity()), 20)
