@@ -358,8 +358,8 @@ class FitLoop:
 
     def round_task(self, rank: int, rounds: list):
         """The task running ``rounds`` (``(entry, round, clock)``, consecutive) of worker
-        ``rank`` (the arguments of ``Client.submit``), and its info.  Its key names its first round:
-        ``daskdl-round-<run>-<epoch>-<round>-<rank>``."""
+        ``rank`` (the arguments of ``Client.submit``), and its info.  Its key names its
+        first round: ``daskdl-round-<run>-<epoch>-<round>-<rank>``."""
         segments = {clock: self.entries[i].plan.round_segments(rank, k)
                     for i, k, clock in rounds}
         specs = protocol.RoundBatch(self.round_spec(i, rank, k, clock, segments[clock])
@@ -396,8 +396,8 @@ class FitLoop:
         """Submit rounds so that every worker has ``rounds_ahead`` waiting or running:
         one ``Client.submit`` per task (the client's batched stream carries those of one
         pass to the scheduler together), each restricted to its worker and prioritised
-        by its clock.  Rounds do not depend on each
-        other, so the next one starts on the worker without a scheduler round trip."""
+        by its clock.  Rounds do not depend on each other, so the next one starts on the
+        worker without a scheduler round trip."""
         new = []
         for rank, rounds in self.queues.take():
             for _, _, clock in rounds:

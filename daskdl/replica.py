@@ -679,7 +679,7 @@ class Replica(WorkerPlugin):
         return reply
 
     async def _gather(self, spec: RoundSpec, version: int, merges: list, rank,
-                      puts: dict | None = None) -> list:
+                      puts: dict) -> list:
         """The merged shards of ``version`` from their owners: ``(pieces, center,
         version)`` for each shard (on the event loop; see :meth:`_assemble`); a shard
         its owner pushed as the very merge the plugin logged is taken as it is.  An
@@ -701,11 +701,11 @@ class Replica(WorkerPlugin):
             pushed = await ex.take(j, (spec.fit, spec.gen), version, entries, rank)
             if pushed is not None:
                 return pushed[0], pushed[1], version
-            put = (puts or {}).get(j)
+            put = puts.get(j)
             if put is not None:
                 await asyncio.wait([put])
-                if isinstance(put.exception(), OSError):  # the owner left
-                    raise put.exception()
+                if isinstance(err := put.exception(), OSError):  # the owner left
+                    raise err
             r = await _watched(self.worker, spec.members[j],
                                getattr(self.worker.rpc(spec.members[j]), GET)(
                 run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
