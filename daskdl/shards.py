@@ -95,9 +95,13 @@ class ShardMap:
             q, r = divmod(s.size, self.n)
             sizes = [q + 1] * r + [q] * (self.n - r)
             self.bounds.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+        # asked for on every put, push and shard request: computed once
+        self._piece_specs = [[Spec((int(b[j + 1] - b[j]),), s.dtype)
+                              for s, b in zip(self.specs, self.bounds)] for j in range(self.n)]
+        self._nbytes = [sum(s.nbytes for s in ps) for ps in self._piece_specs]
 
     def piece_specs(self, j: int) -> list[Spec]:
-        return [Spec((int(b[j + 1] - b[j]),), s.dtype) for s, b in zip(self.specs, self.bounds)]
+        return list(self._piece_specs[j])
 
     def pieces(self, leaves: Sequence, j: int) -> list[np.ndarray]:
         """Shard ``j`` of ``leaves``: views of the raveled leaves (no copy when
@@ -115,7 +119,7 @@ class ShardMap:
         return out
 
     def nbytes(self, j: int) -> int:
-        return sum(s.nbytes for s in self.piece_specs(j))
+        return self._nbytes[j]
 
 
 def check_pieces(pieces, specs: Sequence[Spec], what: str, finite: bool = True) -> None:
