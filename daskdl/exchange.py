@@ -55,6 +55,7 @@ HANDLERS = (PUT, GET, PUSH, FULL, HELD)
 _METHODS = {PUT: "put", GET: "get", PUSH: "pushed", FULL: "full", HELD: "held_version"}
 INLINE_BYTES = 4 * 2**20  # shards up to this size are checked and merged on the event loop
 PUSH_WAIT_S = 0.05  # a member waits this long (plus 2 s per GB of shard) for a push
+OWNER_CHECK_S = 1.0  # a call to another worker unanswered this long: is it still there?
 
 
 def install(worker) -> None:
@@ -485,18 +486,57 @@ def _nbytes(pieces) -> int:
     return n
 
 
-__all__ = ["Exchange", "install", "fetch_global", "fetch_pinned", "HANDLERS", "PUT", "GET",
-           "PUSH", "FULL", "HELD"]
+__all__ = ["Exchange", "install", "fetch_global", "fetch_full", "fetch_pinned", "watched",
+           "asking", "HANDLERS", "PUT", "GET", "PUSH", "FULL", "HELD"]
 
 
-async def _gather_from(rpc, members: dict, specs, version: int, what: str, **msg) -> list:
-    """``daskdl_shard_get`` from every owner (rank ``j`` owns shard ``j``)."""
+async def watched(call, address: str, present=None):
+    """``await call``, an RPC to the worker at ``address``; while it has not answered,
+    every :data:`OWNER_CHECK_S` ``await present(address)`` and raise
+    ``CommClosedError`` (an ``OSError``) once it says the worker is gone.
+
+    Dask retries connecting to an address that refuses for
+    ``distributed.comm.timeouts.connect`` (30 s): without this, a call to a worker
+    killed a moment before waited that long to fail.  ``present`` ``None``: just
+    ``await call``."""
+    from distributed.comm.core import CommClosedError
+
+    if present is None:
+        return await call
+    task = asyncio.ensure_future(call)
+    while True:
+        done, _ = await asyncio.wait([task], timeout=OWNER_CHECK_S)
+        if done:
+            return task.result()
+        if not await present(address):
+            task.cancel()
+            raise CommClosedError(f"{address} left the cluster while a call to it waited")
+
+
+def asking(scheduler_rpc):
+    """A ``present`` for :func:`watched` that asks the scheduler (an rpc to it: a
+    worker's ``worker.scheduler``, a client's ``client.scheduler``) whether a worker
+    is still in the cluster; an unreachable scheduler answers yes (Dask's own timeouts
+    decide then)."""
+    async def present(address: str) -> bool:
+        try:
+            return address in await scheduler_rpc.ncores(workers=[address])
+        except OSError:
+            return True
+    return present
+
+
+async def _gather_from(rpc, members: dict, specs, version: int, what: str, present=None,
+                       **msg) -> list:
+    """``daskdl_shard_get`` from every owner (rank ``j`` owns shard ``j``), each call
+    :func:`watched` with ``present``."""
     from .shards import ShardMap
 
     smap = ShardMap(specs, len(members))
 
     async def one(j):
-        r = await getattr(rpc(members[j]), GET)(version=version, **msg)
+        r = await watched(getattr(rpc(members[j]), GET)(version=version, **msg), members[j],
+                          present)
         if r.get("status") != Status.OK.value:
             raise DaskDLError(f"{what}: the owner of shard {j} ({members[j]}) refused: "
                               f"{r.get('reason')}")
@@ -507,13 +547,13 @@ async def _gather_from(rpc, members: dict, specs, version: int, what: str, **msg
 
 
 async def fetch_global(rpc, run: str, secret: str, fit: int, gen: int, members: dict,
-                       version: int, merges: list, specs) -> list:
+                       version: int, merges: list, specs, present=None) -> list:
     """The global parameters of a sharded run at ``version``, gathered from the shard
     owners ``members`` (``{rank: address}``) by ``rpc`` (a Dask connection pool: the
-    client's, or the scheduler's)."""
+    client's, or the scheduler's); ``present``: see :func:`watched`."""
     smap, replies = await _gather_from(rpc, members, specs, version, "fetching the params",
-                                       run=run, secret=secret, fit=fit, gen=gen, rank=None,
-                                       merges=merges)
+                                       present, run=run, secret=secret, fit=fit, gen=gen,
+                                       rank=None, merges=merges)
     shards = []
     for j, r in enumerate(replies):
         pieces = protocol.load(r["pieces"], limit=smap.nbytes(j) + 64 * 1024 * len(specs))
@@ -522,13 +562,43 @@ async def fetch_global(rpc, run: str, secret: str, fit: int, gen: int, members: 
     return smap.assemble(shards)
 
 
+async def fetch_full(rpc, run: str, secret: str, addresses, version: int, specs,
+                     present=None) -> list:
+    """The global parameters at ``version`` from the first of ``addresses`` that holds
+    them whole (every member assembles them after each round): when an owner left
+    after the last merge, its shard of that version lives on in the others' copies.
+    ``DaskDLError`` when none of them holds that version."""
+    from .shards import check_pieces
+
+    why = []
+    for address in addresses:
+        try:
+            r = await watched(getattr(rpc(address), FULL)(run=run, secret=secret,
+                                                          version=version), address, present)
+        except OSError as e:
+            why.append(f"{address}: {e}")
+            continue
+        if not isinstance(r, dict) or r.get("status") != Status.OK.value or \
+                int(r.get("version", -1)) != version:
+            r = r if isinstance(r, dict) else {}
+            why.append(f"{address}: {r.get('reason') or 'holds version ' + str(r.get('version'))}")
+            continue
+        leaves = protocol.load(r["leaves"], limit=sum(s.nbytes for s in specs)
+                               + 64 * 1024 * len(specs))
+        check_pieces(leaves, specs, f"the parameters {address} holds", finite=False)
+        return leaves
+    raise DaskDLError(f"no worker holds version {version} of the parameters whole any more "
+                      f"({'; '.join(why) or 'no workers'})")
+
+
 async def fetch_pinned(rpc, run: str, secret: str, fit: int, gen: int, members: dict,
-                       version: int, specs, merges: list) -> tuple:
+                       version: int, specs, merges: list, present=None) -> tuple:
     """What a checkpoint of a sharded run at ``version`` holds: ``(params,
-    policy_state leaves, {rank: own params})``, from the shards the owners kept."""
+    policy_state leaves, {rank: own params})``, from the shards the owners kept;
+    ``present``: see :func:`watched`."""
     from .shards import join_states
 
-    smap, replies = await _gather_from(rpc, members, specs, version, "checkpoint",
+    smap, replies = await _gather_from(rpc, members, specs, version, "checkpoint", present,
                                        run=run, secret=secret, fit=fit, gen=gen, rank=None,
                                        merges=merges, pinned=True)
     shards, states, replies_by_owner = [], [], []

@@ -48,7 +48,7 @@ from distributed.utils import sync
 
 from . import protocol, shm
 from .errors import DaskDLError, RoundDiscarded, SyncAborted, TrainingDiverged
-from .exchange import _nbytes
+from .exchange import _nbytes, asking, watched
 from .packing import Packing, packed, worth_packing
 from .plan import chunk_permutation, round_permutation
 from .protocol import RoundSpec, Status, SyncReply, SyncRequest
@@ -56,10 +56,6 @@ from .sources import ChunkReader
 from .step import DeviceMesh, init_state, make_train_steps, set_step_count
 from .model import takes_key
 from .tree import aligned_empty, flatten, unflatten
-
-# an exchange call to another worker that has not answered after this long asks the
-# scheduler whether that worker is still there (then again after as long)
-OWNER_CHECK_S = 1.0
 
 logger = logging.getLogger("daskdl")
 
@@ -293,8 +289,8 @@ class Replica(WorkerPlugin):
 
     def _call_worker(self, address: str, op: str, **kwargs) -> dict:
         async def call():
-            return await getattr(self.worker.rpc(address), op)(
-                run=self.run, secret=self._secret, **kwargs)
+            return await _watched(self.worker, address, getattr(self.worker.rpc(address), op)(
+                run=self.run, secret=self._secret, **kwargs))
         reply = sync(self.worker.loop, call)
         if reply.get("status") != Status.OK.value:
             raise RoundDiscarded(f"worker {address} refused {op}: {reply.get('reason')}")
@@ -818,23 +814,11 @@ def _deltas(new, old):
 
 
 async def _watched(worker, address: str, call):
-    """``await call``, an RPC to the worker at ``address``; while it has not answered,
-    every :data:`OWNER_CHECK_S` ask the scheduler whether that worker is still there,
-    and raise ``OSError`` once it is not.  Dask retries connecting to an address that
-    refuses for ``distributed.comm.timeouts.connect`` (30 s): without this, a round
-    whose owner was killed after taking its piece waited that long to re-plan."""
-    task = asyncio.ensure_future(call)
-    while True:
-        done, _ = await asyncio.wait([task], timeout=OWNER_CHECK_S)
-        if done:
-            return task.result()
-        try:
-            present = await worker.scheduler.ncores(workers=[address])
-        except OSError:  # the scheduler itself is unreachable: Dask's timeouts decide
-            present = {address: None}
-        if address not in present:
-            task.cancel()
-            raise CommClosedError(f"{address} left the cluster while a sync waited for it")
+    """``await call``, an RPC from ``worker`` to the worker at ``address``, failing
+    once the scheduler says that worker left (:func:`daskdl.exchange.watched`): a
+    round whose owner was killed after taking its piece re-plans in about
+    :data:`~daskdl.exchange.OWNER_CHECK_S` instead of Dask's 30 s connect retries."""
+    return await watched(call, address, asking(worker.scheduler))
 
 
 class _QuietRounds(logging.Filter):

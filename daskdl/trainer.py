@@ -305,14 +305,13 @@ class Trainer:
     def _fetch_params(self) -> None:
         reply = self._call(protocol.PARAMS, rank=None)
         if reply.get("status") == protocol.Status.OK.value and self.sync == "sharded":
-            from .exchange import fetch_global
             from .shards import specs_of
 
             members = {int(r): a for r, a in reply["members"].items()}
             self._leaves = self.client.sync(
-                fetch_global, self.client.rpc, self.run, self._secret, int(reply["fit"]),
-                int(reply["gen"]), members, int(reply["version"]), reply["merges"],
-                specs_of(self._leaves))
+                self._fetch_sharded, members, int(reply["fit"]), int(reply["gen"]),
+                int(reply["version"]), reply["merges"], specs_of(self._leaves),
+                reply.get("whole"))
             if reply.get("state") is not None:
                 self._state = [np.array(x, copy=True) for x in protocol.load(reply["state"])]
             self._steps = int(reply.get("steps", self._steps))
@@ -321,6 +320,31 @@ class Trainer:
             if reply.get("state") is not None:
                 self._state = [np.array(x, copy=True) for x in protocol.load(reply["state"])]
             self._steps = int(reply.get("steps", self._steps))
+
+    async def _fetch_sharded(self, members: dict, fit: int, gen: int, version: int,
+                             merges: list, specs, whole: str | None = None) -> list:
+        """The global parameters of a sharded run from their owners; when an owner left
+        after the last merge (its shard of that version is gone with it), from a
+        member that holds them whole (each assembles them after every round).
+        ``whole``: the generation merged nothing yet (the workers changed after the
+        last round and it never started): its owners hold no shards, that worker
+        holds the version whole."""
+        from .exchange import asking, fetch_full, fetch_global
+
+        present = asking(self.client.scheduler)
+        addresses = [members[r] for r in sorted(members)]
+        if whole is not None:
+            return await fetch_full(self.client.rpc, self.run, self._secret,
+                                    [whole] + [a for a in addresses if a != whole], version,
+                                    specs, present)
+        try:
+            return await fetch_global(self.client.rpc, self.run, self._secret, fit, gen,
+                                      members, version, merges, specs, present)
+        except (OSError, DaskDLError) as e:
+            logger.info("daskdl: fetching the parameters from their shard owners failed "
+                        "(%s); asking the members for a whole copy", e)
+            return await fetch_full(self.client.rpc, self.run, self._secret, addresses,
+                                    version, specs, present)
 
     def __repr__(self) -> str:
         return (f"<daskdl.Trainer run {self.run}: {self.policy.name}(every="

@@ -17,6 +17,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import daskdl as ddl
+from daskdl.replica import replica_name
 from daskdl.workerenv import cluster_config
 
 from .conftest import accuracy, init_mlp, loss_fn
@@ -196,6 +197,47 @@ def test_killed_worker_without_nanny_stays_dead_and_the_other_finishes(policy, s
         _close_to(acc, no_fault_accuracy[policy], policy)
 
 
+def test_an_owner_killed_after_the_last_merge_leaves_the_fit_its_parameters(digits):
+    """Sharded: a worker killed once every round of the fit is merged, before the fit
+    gathers the global parameters from the shard owners.  The killed owner's shard of
+    the last version is gone with it, and the generation the fit re-plans for the
+    survivor has no rounds left (its owner never starts): the fit ends at once (it
+    waited for that generation for ``daskdl.sync-timeout``, 60 s, before) with the
+    parameters the survivor holds whole."""
+    train, test = _split(digits)
+    with _two_workers_without_nanny() as (client, pids):
+        with _trainer(client, "BSP", sync="sharded") as tr:
+            tr.fit(train, epochs=1, verbose=False)  # compiles; how many reports a fit makes
+            reports, seen, killed = len(tr.rounds), [], {}
+
+            def kill_after_the_last_round(r):
+                seen.append(r)
+                if len(seen) == reports:  # every round reported: every merge done
+                    addr = sorted(client.scheduler_info()["workers"])[-1]
+                    os.kill(pids[addr], signal.SIGKILL)
+                    killed["addr"] = addr
+                    while addr in client.scheduler_info()["workers"]:
+                        time.sleep(0.05)
+                    killed["at"] = time.perf_counter()
+
+            hist = tr.fit(train, epochs=1, verbose=False, callbacks=[kill_after_the_last_round])
+            after_kill = time.perf_counter() - killed["at"]
+            survivor, = client.scheduler_info()["workers"]
+            run = tr.run
+            held = client.run(
+                lambda dask_worker: dask_worker.plugins[replica_name(run)].exchange.held[:2],
+                workers=[survivor])[survivor]
+            params = jax.tree_util.tree_leaves(tr.params)
+            acc = tr.evaluate(test, accuracy)["accuracy"]
+    assert len(hist) == 1 and len(seen) == reports and killed["addr"] != survivor
+    assert after_kill < 15, f"the fit took {after_kill:.1f}s to end after the kill"
+    version, leaves = held
+    assert version == max(r["version"] for r in seen)
+    assert len(params) == len(leaves)
+    assert all(np.array_equal(a, b) for a, b in zip(params, leaves))
+    assert acc > 0.5  # two epochs of training (chance: 0.1)
+
+
 def test_scale_up_and_down_during_training(digits):
     train, test = _split(digits)
     with cluster_config():  # also for the nanny that scale() starts later
@@ -284,6 +326,7 @@ sys.path.insert(0, {root!r})
 import jax, optax, numpy as np
 from distributed import Client, LocalCluster
 import daskdl as ddl
+from daskdl.replica import replica_name
 from daskdl.workerenv import cluster_config
 from tests.test_faults import job_trainer, job_data
 

@@ -623,7 +623,10 @@ async def test_a_call_to_a_worker_that_left_fails_once_the_scheduler_has_removed
     worker the scheduler removed fails at once."""
     import asyncio
 
-    from daskdl.replica import OWNER_CHECK_S, _watched
+    from daskdl.errors import DaskDLError
+    from daskdl.exchange import OWNER_CHECK_S, asking, fetch_full, fetch_global, install
+    from daskdl.replica import _watched
+    from daskdl.shards import Spec
 
     async def slow_echo(x):
         await asyncio.sleep(2.5 * OWNER_CHECK_S)
@@ -639,3 +642,13 @@ async def test_a_call_to_a_worker_that_left_fails_once_the_scheduler_has_removed
     with pytest.raises(OSError, match="left the cluster"):
         # wait_for guards the suite: without the check this call hangs for 600 s
         await asyncio.wait_for(_watched(a, gone, a.rpc(gone).identity()), 20)
+
+    # the same for the fetches outside rounds (the client's after a fit, checkpoints)
+    specs = [Spec((4,), np.dtype("float32"))]
+    with pytest.raises(OSError, match="left the cluster"):
+        await asyncio.wait_for(fetch_global(a.rpc, "run", "secret", 0, 0, {0: gone}, 1, [],
+                                            specs, asking(a.scheduler)), 20)
+    install(a)  # the exchange's handlers, as a worker of a sharded run has them
+    with pytest.raises(DaskDLError, match="no worker holds version 1.*no training run"):
+        await asyncio.wait_for(fetch_full(a.rpc, "run", "secret", [gone, a.address], 1,
+                                          specs, asking(a.scheduler)), 20)

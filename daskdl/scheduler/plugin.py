@@ -430,7 +430,9 @@ class TrainingPlugin(SchedulerPlugin):
         version its generation starts from and where to fetch it (``source``; ``None``:
         the fit's init data), the policy state its shard starts with (resume), and its
         restored optimizer state.  ``rank=None`` (the client after a fit): the current
-        version, the members (shard owners) and the merges they may not have applied."""
+        version, the members (shard owners) and the merges they may not have applied;
+        ``whole``, when this generation has merged nothing yet: the worker that holds
+        that version whole."""
         out = ok(version=st.start_version if rank is not None else st.version,
                  state=to_serialize(st.state) if st.state else None,
                  steps=st.global_steps(max(st.steps_at) if rank is None
@@ -443,6 +445,11 @@ class TrainingPlugin(SchedulerPlugin):
             st.owner_state_sent.add(rank)
             if st.owner_state_sent >= set(st.members):  # every owner has its piece
                 st.owner_state, st.owner_state_sent = None, set()
+        if rank is None and st.version == st.start_version:
+            # nothing merged in this generation (it may never have started: the workers
+            # changed after the last round): its owners may hold no shards yet, and the
+            # version is held whole by the member it starts from
+            out["whole"] = st.source
         restore = st.restore.pop(rank, None) if rank is not None else None
         if restore is not None:
             if restore.get("params") is not None:
@@ -501,11 +508,15 @@ class TrainingPlugin(SchedulerPlugin):
         loop = asyncio.get_running_loop()
         version, members, state = st.version, dict(m.members), list(st.state)
         pinned = {"done": False, "merges": [], "ready": threading.Event()}
+        workers = self.scheduler.workers
+
+        async def present(address: str) -> bool:  # an owner killed meanwhile: fail fast
+            return address in workers
 
         def fetch():
             pinned["ready"].wait(60)
             coro = fetch_pinned(self.scheduler.rpc, st.run, st.secret, st.fit, m.gen,
-                                members, version, st.specs, pinned["merges"])
+                                members, version, st.specs, pinned["merges"], present)
             params, pol, local = asyncio.run_coroutine_threadsafe(coro, loop).result(
                 timeout=10 * st.timeout)
             return params + state, pol, local
