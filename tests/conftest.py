@@ -6,9 +6,21 @@ test process itself is never pinned.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# JAX's persistent compilation cache, for this session only (the way
+# daskdl.hpc.worker_env gives jobqueue workers one): the many trainers and worker
+# processes of the suite compile the same few models; set before JAX is imported
+# here, in the workers and in the examples' subprocesses, which inherit it
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _JAX_CACHE = tempfile.mkdtemp(prefix="daskdl-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _JAX_CACHE, True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
