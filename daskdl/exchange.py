@@ -578,10 +578,9 @@ async def fetch_full(rpc, run: str, secret: str, addresses, version: int, specs,
         except OSError as e:
             why.append(f"{address}: {e}")
             continue
-        if not isinstance(r, dict) or r.get("status") != Status.OK.value or \
-                int(r.get("version", -1)) != version:
-            r = r if isinstance(r, dict) else {}
-            why.append(f"{address}: {r.get('reason') or 'holds version ' + str(r.get('version'))}")
+        r = r if isinstance(r, dict) else {}
+        if r.get("status") != Status.OK.value or int(r.get("version", -1)) != version:
+            why.append(f"{address}: {r.get('reason') or 'holds version %s' % r.get('version')}")
             continue
         leaves = protocol.load(r["leaves"], limit=sum(s.nbytes for s in specs)
                                + 64 * 1024 * len(specs))
