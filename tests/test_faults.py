@@ -35,12 +35,12 @@ def _policy(name):
             "Async": ddl.Async(every=4), "DiLoCo": ddl.DiLoCo(every=4)}[name]
 
 
-def _trainer(client, policy, **kw):
+def _trainer(client, policy, seed=0, **kw):
     # the learning rate decays to 0 over about EPOCHS epochs of one of two workers'
     # steps, so that the end point does not depend on when a fault happened
     lr = optax.cosine_decay_schedule(3e-3, decay_steps=EPOCHS * 22)
     return ddl.Trainer(loss_fn, init_mlp(jax.random.PRNGKey(0)), optax.adam(lr),
-                       policy=_policy(policy), batch_size=32, client=client, seed=0, **kw)
+                       policy=_policy(policy), batch_size=32, client=client, seed=seed, **kw)
 
 
 def _check_coverage(tr, train, epochs):
@@ -54,26 +54,35 @@ def _check_coverage(tr, train, epochs):
         assert sum(cov.values()) >= sum(chunks) - 6 * 2 * 32
 
 
-def _close_to(acc, reference, policy):
-    """A fault costs at most one point of test accuracy.  BSP also lands within one
-    point above; Async and SSP merge in arrival order, and DiLoCo's outer optimizer
-    (with momentum) carries on whatever the rounds around the fault changed in its
-    pseudo-gradients, so those runs may also end up better by chance (seen: Async 0.972
-    vs 0.955, DiLoCo 0.992 vs 0.978)."""
-    assert acc >= reference - 0.01 - 1e-9, (policy, acc, reference)
+def _close_to(acc, band, policy):
+    """A fault costs at most one point of test accuracy below the lowest of the no-fault
+    runs (``band``: their lowest and highest, see :func:`no_fault_accuracy`).  BSP also
+    lands within one point above the highest; Async and SSP merge in arrival order, and
+    DiLoCo's outer optimizer (with momentum) carries on whatever the rounds around the
+    fault changed in its pseudo-gradients, so those runs may also end up better by chance
+    (seen: Async 0.972 vs 0.955, DiLoCo 0.992 vs 0.978)."""
+    lo, hi = band
+    assert acc >= lo - 0.01 - 1e-9, (policy, acc, band)
     if policy == "BSP":
-        assert acc <= reference + 0.01 + 1e-9, (policy, acc, reference)
+        assert acc <= hi + 0.01 + 1e-9, (policy, acc, band)
 
 
 @pytest.fixture(scope="module")
 def no_fault_accuracy(client2, digits):
-    """Test accuracy without faults, per policy (same seed and data)."""
+    """Test accuracy without faults per policy: the lowest and highest over five shuffle
+    seeds (same data and initial parameters).  A fault changes which worker trains what
+    and when, as a seed does, and the test set has 360 samples (a point is 3.6 of them):
+    DiLoCo alone spans 0.964-0.983 over these seeds, so one seed's figure is no
+    reference (a fault run at 0.967 against seed 0's 0.978 failed on that)."""
     train, test = _split(digits)
     out = {}
     for name in ("BSP", "SSP", "Async", "DiLoCo"):
-        with _trainer(client2, name) as tr:
-            tr.fit(train, epochs=EPOCHS, verbose=False)
-            out[name] = tr.evaluate(test, accuracy)["accuracy"]
+        accs = []
+        for seed in range(5):
+            with _trainer(client2, name, seed=seed) as tr:
+                tr.fit(train, epochs=EPOCHS, verbose=False)
+                accs.append(tr.evaluate(test, accuracy)["accuracy"])
+        out[name] = (min(accs), max(accs))
     return out
 
 
