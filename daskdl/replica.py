@@ -702,10 +702,11 @@ class Replica(WorkerPlugin):
                 await asyncio.wait([put])
                 if isinstance(err := put.exception(), OSError):  # the owner left
                     raise err
-            r = await _watched(self.worker, spec.members[j],
-                               getattr(self.worker.rpc(spec.members[j]), GET)(
+            owner = spec.members[j]
+            call = getattr(self.worker.rpc(owner), GET)(
                 run=self.run, secret=self._secret, fit=spec.fit, gen=spec.gen,
-                version=version, rank=rank, merges=merges, timeout=spec.timeout))
+                version=version, rank=rank, merges=merges, timeout=spec.timeout)
+            r = await _watched(self.worker, owner, call)
             if r.get("status") != Status.OK.value:
                 raise DaskDLError(f"the owner of shard {j} refused: {r.get('reason')}")
             pieces = protocol.load(r["pieces"])
